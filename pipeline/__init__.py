@@ -1,0 +1,1 @@
+"""Per-case inference and what training and inference share at run time."""

@@ -1,0 +1,4 @@
+"""Ingestion (DICOM, NIfTI, MSD), geometry, dataset fingerprint -> plan, MONAI transform chains.
+
+Imports nothing else of ours.
+"""

@@ -1,0 +1,62 @@
+"""The one image type of the project: a voxel array that knows its world geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D (multi-channel) image with its geometry.
+
+    Attributes:
+        array: voxel data, shape ``(C, X, Y, Z)``; axis ``X`` is voxel index ``i`` of the affine,
+            ``Y`` is ``j``, ``Z`` is ``k`` (NIfTI convention). Usually float32 (CT in HU).
+        affine_ras: 4x4 float64 matrix mapping voxel indices ``(i, j, k, 1)`` to RAS+ world
+            millimetres (nibabel / MONAI convention, *not* DICOM LPS).
+        case_id: pseudonymous case id; never a patient name or ID.
+        source: where the data came from (a path on the hospital's disk; never logged to MLflow).
+        modality: "CT", "MR", ... or "" when unknown.
+        meta: extra, non-identifying facts (series description is *not* stored here).
+    """
+
+    array: np.ndarray
+    affine_ras: np.ndarray
+    case_id: str = ""
+    source: str = ""
+    modality: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 4:
+            raise ValueError(f"Volume.array must be (C, X, Y, Z); got shape {self.array.shape}")
+        aff = np.asarray(self.affine_ras, dtype=np.float64)
+        if aff.shape != (4, 4):
+            raise ValueError(f"Volume.affine_ras must be 4x4; got {aff.shape}")
+        object.__setattr__(self, "affine_ras", aff)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` voxel counts."""
+        return tuple(int(s) for s in self.array.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing along i, j, k in millimetres (column norms of the affine)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine_ras[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
+    """Convert a voxel->LPS affine (DICOM/ITK world) into a voxel->RAS affine (NIfTI world).
+
+    DICOM patient coordinates are LPS; RAS negates x and y.
+    """
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ np.asarray(affine_lps, dtype=np.float64)
+
+
+def ras_to_lps(affine_ras: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`lps_to_ras` (the same flip: it is its own inverse)."""
+    return lps_to_ras(affine_ras)
