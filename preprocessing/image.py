@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,3 +63,28 @@ def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
 def ras_to_lps(affine_ras: np.ndarray) -> np.ndarray:
     """Inverse of :func:`lps_to_ras` (the same flip: it is its own inverse)."""
     return lps_to_ras(affine_ras)
+
+
+_SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def pseudonymous_case_id(key: str, salt: str | None = None) -> str:
+    """A stable, non-identifying case id for a DICOM series (or any identifying key).
+
+    ``key`` is typically the SeriesInstanceUID. The id is a salted SHA-256 prefix, so it is stable
+    across runs (resume, joins with ground truth) but reveals neither the UID nor the patient.
+    The salt comes from ``MEDSEG_PSEUDONYM_SALT`` when set; a hospital should set its own secret.
+    """
+    salt = salt if salt is not None else os.environ.get("MEDSEG_PSEUDONYM_SALT", "medseg-v1")
+    digest = hashlib.sha256(f"{salt}\0{key}".encode()).hexdigest()
+    return f"case-{digest[:12]}"
+
+
+def sanitize_case_id(name: str) -> str:
+    """Make ``name`` safe as a single path component: no separators, no '..', no odd characters.
+
+    Anything but letters, digits, '.', '_' and '-' becomes '_'; leading dots are dropped so the
+    result can never be '.', '..' or a hidden file. An empty result falls back to a hash.
+    """
+    cleaned = _SAFE_CHARS.sub("_", name).lstrip(".")[:120]
+    return cleaned or pseudonymous_case_id(name)
