@@ -1,0 +1,205 @@
+"""One case of a batch: read -> segment -> write mask, DICOM SEG, QC picture, metrics.
+
+Called on Dask workers by ``workflows/predict.py`` (this module knows nothing of Dask). The model
+is loaded once per worker process and cached here, not once per case.
+
+Atomicity: every output of a case is written into a private staging folder
+``OUT/.staging/<case_id>.<pid>/`` and the folder is renamed to ``OUT/<case_id>/`` as the very
+last step. A rename of a directory is atomic on POSIX file systems, so a case folder either exists
+complete (with ``case.json``, its row of ``cases.csv``) or not at all; a SIGKILL at any moment
+leaves at most a staging folder, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bundle import ModelBundle, load_bundle
+from pipeline.metrics import segmentation_metrics
+from pipeline.predictor import segment_volume
+from pipeline.qc import write_qc_picture
+from pipeline.seg_writer import write_dicom_seg
+from pipeline.sliding_window import InferenceConfig
+from preprocessing.discovery import SourceItem
+from preprocessing.volume_io import load_source_item, read_volume, write_nifti_atomic
+
+logger = logging.getLogger(__name__)
+
+CASE_RECORD = "case.json"
+STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class CaseConfig:
+    """What every case of one batch shares.
+
+    Attributes:
+        bundle_dir: local folder of the model bundle (already downloaded from MLflow).
+        out_dir: batch output folder; the case's folder is ``out_dir/<case_id>``.
+        inference: sliding-window settings (device, overlap, TTA...).
+        labels_dir: optional reference labels ``<case_id>.nii.gz`` for metrics.
+        save_probabilities: also write ``probabilities.nii.gz`` (float16, K channels).
+        nsd_tolerance_mm: tolerance of the normalised surface distance.
+        torch_threads: intra-op threads per worker (cores / workers on CPU).
+    """
+
+    bundle_dir: str
+    out_dir: str
+    inference: InferenceConfig
+    labels_dir: str | None = None
+    save_probabilities: bool = False
+    nsd_tolerance_mm: float = 2.0
+    torch_threads: int | None = None
+
+
+_MODEL_CACHE: dict[tuple[str, str], tuple[ModelBundle, list]] = {}
+
+
+def _cached_model(bundle_dir: str, device: str) -> tuple[ModelBundle, list]:
+    """The bundle and its fold networks, loaded once per worker process."""
+    key = (bundle_dir, device)
+    if key not in _MODEL_CACHE:
+        bundle = load_bundle(bundle_dir)
+        _MODEL_CACHE[key] = (bundle, bundle.build_networks(device))
+        logger.info("loaded model bundle %s on %s (pid %d)", bundle_dir, device, os.getpid())
+    return _MODEL_CACHE[key]
+
+
+def case_is_done(out_dir: Path, case_id: str) -> bool:
+    """True when a previous run finished this case (ok or deliberately skipped).
+
+    Failed cases publish no folder, so a rerun retries them.
+    """
+    return (Path(out_dir) / case_id / CASE_RECORD).is_file()
+
+
+def read_case_record(out_dir: Path, case_id: str) -> dict:
+    return json.loads((Path(out_dir) / case_id / CASE_RECORD).read_text())
+
+
+def clean_staging(out_dir: Path) -> int:
+    """Delete staging folders left by a killed run. Returns how many were removed."""
+    staging = Path(out_dir) / STAGING
+    if not staging.is_dir():
+        return 0
+    leftovers = list(staging.iterdir())
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(leftovers)
+
+
+def run_case(item: SourceItem, config: CaseConfig) -> dict:
+    """Segment one case and write its outputs; never raises for a bad case.
+
+    Returns:
+        The case's row: ``case_id, source, status (ok|error|skipped), reason, seconds``, volume per
+        label in mL (``vol_<label>_ml``), and with reference labels ``dice_/hd95_/nsd_<label>``.
+    """
+    start = time.perf_counter()
+    row: dict = {"case_id": item.case_id, "source": str(item.paths[0]) if item.paths else "",
+                 "kind": item.kind, "status": "ok", "reason": ""}
+    staging = Path(config.out_dir) / STAGING / f"{item.case_id}.{os.getpid()}"
+    try:
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        bundle, networks = _cached_model(config.bundle_dir, config.inference.device)
+        volume = load_source_item(item)
+        skip_reason = _incompatibility(volume, bundle)
+        if skip_reason:
+            row.update(status="skipped", reason=skip_reason)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            row.update(_segment_and_write(item, volume, bundle, networks, config, staging))
+    except Exception as exc:  # one bad case must not stop the batch: it becomes an error row
+        logger.debug("case %s failed:\n%s", item.case_id, traceback.format_exc())
+        row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    if row["status"] == "error":
+        # A failed case leaves nothing behind, so the next run tries it again.
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        _publish(row, staging, Path(config.out_dir))
+    return row
+
+
+def _incompatibility(volume, bundle: ModelBundle) -> str:
+    """Why this model must not segment this volume ('' when it may)."""
+    want_channels = bundle.in_channels
+    if volume.array.shape[0] != want_channels:
+        return f"model expects {want_channels} channel(s), image has {volume.array.shape[0]}"
+    want = (bundle.modality or "").upper()
+    have = (volume.modality or "").upper()
+    if want and have and want != have:
+        return f"model was trained on {want}, this series is {have}"
+    return ""
+
+
+def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, staging: Path) -> dict:
+    labels, probabilities = segment_volume(
+        volume, networks, bundle, config.inference, return_probabilities=config.save_probabilities
+    )
+    affine = volume.affine_ras
+    write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.uint8)
+    if probabilities is not None:
+        write_nifti_atomic(
+            np.moveaxis(probabilities, 0, -1).astype(np.float16), affine, staging / "probabilities.nii.gz"
+        )
+    if item.kind == "dicom":
+        write_dicom_seg(labels, item.paths, bundle.label_names, staging / "seg.dcm",
+                        algorithm_name=bundle.name or "medseg", algorithm_version=bundle.version_tag)
+    write_qc_picture(volume.array[0], labels, affine, bundle.label_names, staging / "qc.png",
+                     title=f"{item.case_id} ({bundle.name or 'model'})")
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    out: dict = {}
+    for value, name in bundle.label_names.items():
+        out[f"vol_{name}_ml"] = round(float(np.count_nonzero(labels == value)) * voxel_ml, 3)
+    if config.labels_dir:
+        out.update(_reference_metrics(item.case_id, labels, volume, bundle, config))
+    return out
+
+
+def _reference_metrics(case_id, labels, volume, bundle, config: CaseConfig) -> dict:
+    ref_path = Path(config.labels_dir) / f"{case_id}.nii.gz"
+    if not ref_path.is_file():
+        logger.warning("no reference label for %s in %s", case_id, config.labels_dir)
+        return {}
+    ref = read_volume(ref_path)
+    if ref.spatial_shape != labels.shape or not np.allclose(ref.affine_ras, volume.affine_ras, atol=1e-3):
+        raise ValueError(f"reference label {ref_path.name} is not on the image's grid")
+    rows = segmentation_metrics(labels, np.rint(ref.array[0]).astype(np.int16), bundle.label_names,
+                                volume.spacing_mm, nsd_tolerance_mm=config.nsd_tolerance_mm)
+    out = {}
+    for r in rows:
+        for metric in ("dice", "hd95", "nsd"):
+            out[f"{metric}_{r['label']}"] = r[metric]
+    return out
+
+
+def _publish(row: dict, staging: Path, out_dir: Path) -> None:
+    """Write the case record into staging, then rename the whole folder into place."""
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / CASE_RECORD).write_text(json.dumps(row, indent=1, default=_json_default))
+    final = out_dir / row["case_id"]
+    if final.exists():  # a forced rerun of a finished case: replace it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)

@@ -1,0 +1,202 @@
+"""``medseg predict``: batch segmentation of a scan folder on a Dask cluster.
+
+Flow: discover cases (headers only) -> skip finished cases (resume) -> one Dask task per case
+(``pipeline.case_runner.run_case``: read, segment, write mask / SEG / QC, metrics) -> ``cases.csv``
+and ``summary.json`` -> one MLflow run with the summary, the table and the QC pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from distributed import as_completed
+from tqdm import tqdm
+
+from pipeline.bundle import load_bundle, resolve_bundle_dir
+from pipeline.case_runner import CaseConfig, case_is_done, clean_staging, read_case_record, run_case
+from pipeline.metrics import summarize_metrics
+from pipeline.sliding_window import InferenceConfig
+from pipeline.tracking_batch import BatchRunInfo, log_batch_run
+from preprocessing.discovery import SourceItem, discover_sources
+from preprocessing.atomic import write_text_atomic
+from workflows.cluster import dask_client, gpu_count
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_BAD_ARGS, EXIT_PARTIAL, EXIT_TRACKING = 0, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything ``medseg predict`` was asked to do (built from CLI flags)."""
+
+    source: Path
+    model_uri: str
+    out_dir: Path
+    labels_dir: Path | None = None
+    tta: bool = False
+    device: str = "cpu"
+    overlap: float = 0.5
+    save_probabilities: bool = False
+    experiment: str = "medseg-predict"
+    qc_sample: int | None = None
+    workers: int | None = 2
+    scheduler: str | None = None
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    return run_predict(config)
+
+
+def _config_from_args(args: argparse.Namespace) -> PredictConfig:
+    import torch
+
+    source = Path(args.source)
+    if not source.exists():
+        raise FileNotFoundError(f"source {source} does not exist")
+    if not 0.0 <= args.overlap < 1.0:
+        raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
+    labels = Path(args.labels) if args.labels else None
+    if labels is not None and not labels.is_dir():
+        raise FileNotFoundError(f"--labels folder {labels} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
+    return PredictConfig(
+        source=source, model_uri=args.model, out_dir=Path(args.out), labels_dir=labels, tta=args.tta,
+        device=device, overlap=args.overlap, save_probabilities=args.save_probabilities,
+        experiment=args.experiment, qc_sample=args.qc_sample, workers=args.workers, scheduler=args.scheduler,
+    )
+
+
+def run_predict(config: PredictConfig) -> int:
+    """Run the batch; returns the exit code (0 ok, 3 some cases failed, 4 MLflow unreachable)."""
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_staging(out)
+    if removed:
+        print(f"removed {removed} unfinished case folder(s) left by an interrupted run")
+    bundle_dir = resolve_bundle_dir(config.model_uri, cache_dir=out / ".model")
+    bundle = load_bundle(bundle_dir)  # fail fast (exit 2) on a bad model before touching the cluster
+    items = discover_sources(config.source)
+    print(f"{len(items)} case(s) found in {config.source}; model {bundle.name or config.model_uri}")
+    rows = _run_cases(items, bundle_dir, bundle, config)
+    failed = sum(r["status"] == "error" for r in rows)
+    _write_tables(rows, bundle, out)
+    tracked = log_batch_run(
+        BatchRunInfo(experiment=config.experiment, model_uri=config.model_uri, model_name=bundle.name,
+                     model_version=bundle.version_tag, params=_loggable_params(config)),
+        out_dir=out, qc_sample=config.qc_sample,
+    )
+    _print_summary(rows, out)
+    if failed:
+        print(f"{failed} case(s) failed; see the 'reason' column of {out / 'cases.csv'}")
+        return EXIT_PARTIAL
+    if not tracked:
+        return EXIT_TRACKING
+    return EXIT_OK
+
+
+def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[dict]:
+    rows: list[dict] = []
+    todo: list[SourceItem] = []
+    for item in items:
+        if item.status != "ok":
+            rows.append(_discovery_row(item))
+        elif case_is_done(config.out_dir, item.case_id):
+            rows.append(read_case_record(config.out_dir, item.case_id))
+        else:
+            todo.append(item)
+    done_before = sum(1 for r in rows if r.get("status") in ("ok", "skipped") and r.get("kind"))
+    if done_before:
+        print(f"resuming: {done_before} case(s) already finished, {len(todo)} to go")
+    if not todo:
+        return rows
+    workers = config.workers
+    resources = None
+    if config.device == "cuda" and config.scheduler is None:
+        workers = max(1, gpu_count())  # one inference worker per GPU
+        resources = {"GPU": 1}
+    case_config = CaseConfig(
+        bundle_dir=str(bundle_dir), out_dir=str(config.out_dir),
+        inference=InferenceConfig(roi_size=tuple(bundle.patch_size), overlap=config.overlap,
+                                  device=config.device, tta=config.tta),
+        labels_dir=str(config.labels_dir) if config.labels_dir else None,
+        save_probabilities=config.save_probabilities,
+        torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers or 1)) if config.device == "cpu" else None,
+    )
+    with dask_client(workers=workers, scheduler=config.scheduler, resources=resources) as client:
+        futures = [client.submit(run_case, item, case_config, key=f"case-{item.case_id}", pure=False,
+                                 resources=resources if config.scheduler is None else None)
+                   for item in todo]
+        failures = 0
+        with tqdm(total=len(futures), desc="cases", unit="case") as bar:
+            for future in as_completed(futures):
+                row = future.result()
+                rows.append(row)
+                failures += row["status"] == "error"
+                bar.set_postfix(failed=failures)
+                bar.update(1)
+    return rows
+
+
+def _discovery_row(item: SourceItem) -> dict:
+    return {"case_id": item.case_id, "source": str(item.paths[0]) if item.paths else "", "kind": item.kind,
+            "status": item.status, "reason": item.reason, "seconds": 0.0}
+
+
+def _write_tables(rows: list[dict], bundle, out: Path) -> None:
+    front = ["case_id", "source", "status", "reason", "seconds"]
+    table = pd.DataFrame(rows)
+    rest = [c for c in table.columns if c not in front and c != "kind"]
+    table = table.reindex(columns=front + rest).sort_values("case_id")
+    write_text_atomic(out / "cases.csv", table.to_csv(index=False))
+    write_text_atomic(out / "summary.json", json.dumps(_summary(table, bundle), indent=2, default=float))
+
+
+def _summary(table: pd.DataFrame, bundle) -> dict:
+    ok = table[table["status"] == "ok"]
+    metric_rows = []
+    for _, r in ok.iterrows():
+        for name in bundle.label_names.values():
+            entry = {"label": name}
+            for metric in ("dice", "hd95", "nsd"):
+                value = r.get(f"{metric}_{name}")
+                if value is not None and not pd.isna(value):
+                    entry[metric] = float(value)
+            vol = r.get(f"vol_{name}_ml")
+            if vol is not None and not pd.isna(vol):
+                entry["vol_pred_ml"] = float(vol)
+            metric_rows.append(entry)
+    counts = table["status"].value_counts().to_dict()
+    return {"cases": {k: int(v) for k, v in counts.items()},
+            "per_label": summarize_metrics(metric_rows) if metric_rows else {}}
+
+
+def _loggable_params(config: PredictConfig) -> dict:
+    """Run parameters safe for MLflow: no paths (they may hold patient names), no UIDs."""
+    return {"tta": config.tta, "device": config.device, "overlap": config.overlap,
+            "with_reference_labels": config.labels_dir is not None,
+            "save_probabilities": config.save_probabilities}
+
+
+def _print_summary(rows: list[dict], out: Path) -> None:
+    table = pd.DataFrame(rows)
+    counts = table["status"].value_counts().to_dict()
+    print(f"cases: {counts}; outputs in {out}")
+    dice_cols = [c for c in table.columns if c.startswith("dice_")]
+    if dice_cols:
+        ok = table[table["status"] == "ok"]
+        for col in dice_cols:
+            values = ok[col].astype(float).to_numpy()
+            values = values[np.isfinite(values)]
+            if values.size:
+                print(f"  {col:<24} mean {values.mean():.3f}  (n={values.size})")
