@@ -153,7 +153,7 @@ def stored_values(image: np.ndarray, spec: DicomSeriesSpec) -> np.ndarray:
     return np.clip(raw, info.min, info.max).astype(info.dtype)
 
 
-def _format_ds(value: float) -> str:
+def format_decimal_string(value: float) -> str:
     """A Decimal String within 16 characters that keeps as many digits as fit."""
     for digits in range(12, 3, -1):
         text = f"{value:.{digits}g}"
@@ -229,8 +229,8 @@ def _rescale_attributes(ds: Dataset, spec: DicomSeriesSpec) -> None:
     Modality LUT module, but vendors do write it and readers must honour it)."""
     intercept = float(spec.rescale_intercept or 0.0)
     if spec.modality == "CT" or spec.rescale_slope != 1.0 or intercept != 0.0:
-        ds.RescaleSlope = _format_ds(spec.rescale_slope)
-        ds.RescaleIntercept = _format_ds(intercept)
+        ds.RescaleSlope = format_decimal_string(spec.rescale_slope)
+        ds.RescaleIntercept = format_decimal_string(intercept)
 
 
 def _pixel_module(ds: Dataset, pixels: np.ndarray, spec: DicomSeriesSpec) -> None:
@@ -308,15 +308,15 @@ def write_dicom_series(
         ds.PositionReferenceIndicator = ""
         ds.InstanceNumber = int(numbers[k])
         ipp = geo["affine_lps"] @ np.array([0.0, 0.0, float(k), 1.0])  # type: ignore[operator]
-        ds.ImagePositionPatient = [_format_ds(v) for v in ipp[:3]]
-        ds.ImageOrientationPatient = [_format_ds(v) for v in geo["iop"]]  # type: ignore[union-attr]
-        ds.PixelSpacing = [_format_ds(v) for v in geo["pixel_spacing"]]  # type: ignore[union-attr]
-        ds.SliceThickness = _format_ds(abs(geo["slice_step"]))  # type: ignore[arg-type]
-        ds.SpacingBetweenSlices = _format_ds(abs(geo["slice_step"]))  # type: ignore[arg-type]
-        ds.SliceLocation = _format_ds(float(np.dot(ipp[:3], geo["normal"])))  # type: ignore[arg-type]
+        ds.ImagePositionPatient = [format_decimal_string(v) for v in ipp[:3]]
+        ds.ImageOrientationPatient = [format_decimal_string(v) for v in geo["iop"]]  # type: ignore[union-attr]
+        ds.PixelSpacing = [format_decimal_string(v) for v in geo["pixel_spacing"]]  # type: ignore[union-attr]
+        ds.SliceThickness = format_decimal_string(abs(geo["slice_step"]))  # type: ignore[arg-type]
+        ds.SpacingBetweenSlices = format_decimal_string(abs(geo["slice_step"]))  # type: ignore[arg-type]
+        ds.SliceLocation = format_decimal_string(float(np.dot(ipp[:3], geo["normal"])))  # type: ignore[arg-type]
         _rescale_attributes(ds, spec)
-        ds.WindowCenter = _format_ds(spec.window_center)
-        ds.WindowWidth = _format_ds(spec.window_width)
+        ds.WindowCenter = format_decimal_string(spec.window_center)
+        ds.WindowWidth = format_decimal_string(spec.window_width)
         ds.ContentDate, ds.ContentTime = spec.study_date, spec.study_time
         _pixel_module(ds, stored[:, :, k].T, spec)
         encode(ds, spec.transfer_syntax)
