@@ -151,6 +151,7 @@ def _write_one(
         path = write_nifti(
             image, affine, folder / f"{stem}.nii.gz", qform_differs=recipe.orientation == "oblique"
         )
+        affine = affine.astype(np.float32).astype(np.float64)  # NIfTI stores the sform as float32
         return SeriesTruth(
             "nifti",
             "",
