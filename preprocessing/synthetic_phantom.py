@@ -157,7 +157,9 @@ def _default_half_extent(
     )
     world = corners @ affine_ras[:3, :3].T + affine_ras[:3, 3]
     lo, hi = world.min(axis=0), world.max(axis=0)
-    return (hi - lo) / 2.0, (hi + lo) / 2.0
+    half = (hi - lo) / 2.0
+    # A single slice has no extent along its normal; borrow the in-plane size so the body exists.
+    return np.maximum(half, 0.5 * half.max()), (hi + lo) / 2.0
 
 
 def make_phantom(
