@@ -1,0 +1,65 @@
+"""Dask cluster context: a private LocalCluster by default, or an existing scheduler.
+
+Shared by ``ingest``, ``train`` (parallel folds) and ``predict``: one place decides how workers
+are started, so every job behaves the same on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_client(
+    workers: int | None = None, scheduler: str | None = None, resources: dict[str, float] | None = None
+) -> Iterator[Client]:
+    """Yield a Dask client; close what we started on exit.
+
+    Args:
+        workers: processes of a private ``LocalCluster`` (one thread each: our tasks are
+            numpy/torch-heavy and hold the GIL in places, so processes scale better than threads).
+            ``None`` or < 1 means 1.
+        scheduler: address of an existing scheduler (``tcp://host:8786``); overrides ``workers``.
+            The cluster is not shut down on exit -- it is not ours.
+        resources: abstract resources each local worker advertises (e.g. ``{"GPU": 1}``) so tasks
+            submitted with ``resources=`` are placed one per GPU. Ignored with ``scheduler``
+            (remote workers declare their own resources when started).
+
+    Yields:
+        A connected ``distributed.Client``.
+    """
+    if scheduler:
+        logger.info("connecting to Dask scheduler %s", scheduler)
+        with Client(scheduler, set_as_default=False) as client:
+            yield client
+        return
+    n = max(1, int(workers or 1))
+    # dashboard_address=None: no web server; a batch job on a shared host must not grab a port.
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+            resources=resources,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        logger.info("started a local Dask cluster with %d worker process(es)", n)
+        yield client
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to this process (0 without torch or CUDA)."""
+    try:
+        import torch  # imported here: ingest must not pay for torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
