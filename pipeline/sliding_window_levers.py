@@ -1,0 +1,250 @@
+"""Speed levers of the sliding-window engine: how windows reach the network and how it runs.
+
+Kept apart from :mod:`pipeline.sliding_window` (the blending logic) so each lever can be read,
+switched and tested on its own. Nothing here changes results beyond float tolerance:
+
+- :class:`WindowFeeder` gathers window batches into a reused buffer, either from an image that
+  was moved to the device once, or (image too big for the device) from the host through pinned
+  double buffers copied on a side stream while the previous batch computes.
+- :class:`NetworkRunner` runs every (network, mirror) pass of a window batch in one network call
+  per network, with optional ``channels_last_3d``, ``torch.compile`` (cached per network and
+  input shape, eager fallback when compilation fails) and CUDA graphs (captured per shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.sliding_window import InferenceConfig
+
+logger = logging.getLogger(__name__)
+
+Entry = tuple[int, tuple[int, int, int]]  # (batch index, window start (x, y, z))
+
+# Compiled networks and captured graphs outlive one sweep (the predictor calls the engine once
+# per case), but not the network: weak keys drop them with it.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CompiledForward]] = weakref.WeakKeyDictionary()
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _GraphedForward] = weakref.WeakKeyDictionary()
+
+
+def first_output(y: Any) -> torch.Tensor:
+    """Deep-supervision networks may return a list/tuple (full resolution first): take that."""
+    return y[0] if isinstance(y, list | tuple) else y
+
+
+class WindowFeeder:
+    """Iterates ``(entries, windows)``: windows ``(n, C, *roi)`` on ``device`` for each batch.
+
+    Args:
+        image: ``(B, C, X, Y, Z)`` tensor (host or device).
+        batches: per network call, the ``(batch index, start)`` of each window.
+        roi: window size.
+        device: where the network runs.
+        stream: keep the image on the host and gather windows there (pinned + side-stream
+            prefetch on CUDA); else move the image to ``device`` once.
+        fixed_batch: always yield ``sw_batch_size`` windows (the tail of the last batch repeats
+            stale windows whose outputs are ignored), so compiled/graphed shapes never change.
+        channels_last: allocate window buffers in ``channels_last_3d``.
+    """
+
+    def __init__(
+        self,
+        image: torch.Tensor,
+        batches: list[list[Entry]],
+        roi: Sequence[int],
+        device: torch.device,
+        *,
+        stream: bool = False,
+        fixed_batch: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        self.batches, self.roi, self.device = batches, tuple(roi), device
+        self.stream, self.fixed = stream, fixed_batch
+        self.fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.image = image if stream else image.to(device)
+        self.width = max(len(b) for b in batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _buffer(self, device: torch.device, pin: bool = False) -> torch.Tensor:
+        shape = (self.width, self.image.shape[1], *self.roi)
+        buf = torch.zeros(shape, dtype=self.image.dtype, device=device).contiguous(memory_format=self.fmt)
+        return buf.pin_memory() if pin else buf
+
+    def _gather(self, entries: list[Entry], buf: torch.Tensor) -> torch.Tensor:
+        for i, (b, s) in enumerate(entries):
+            buf[i].copy_(
+                self.image[(b, slice(None), *(slice(a, a + r) for a, r in zip(s, self.roi, strict=True)))]
+            )
+        return buf if self.fixed else buf[: len(entries)]
+
+    def __iter__(self) -> Iterator[tuple[list[Entry], torch.Tensor]]:
+        if self.stream and self.device.type == "cuda":
+            yield from self._prefetching()
+            return
+        if self.stream:
+            host = self._buffer(torch.device("cpu"))
+            for entries in self.batches:
+                yield entries, self._gather(entries, host).to(self.device)
+            return
+        buf = self._buffer(self.device)
+        for entries in self.batches:
+            yield entries, self._gather(entries, buf)
+
+    def _prefetching(self) -> Iterator[tuple[list[Entry], torch.Tensor]]:
+        """Double-buffered: batch i+1 is gathered on the host and copied while batch i runs."""
+        copy_stream = torch.cuda.Stream(self.device)
+        host = [self._buffer(torch.device("cpu"), pin=True) for _ in range(2)]
+        dev = [self._buffer(self.device) for _ in range(2)]
+        copied: list[torch.cuda.Event | None] = [None, None]
+        used: list[torch.cuda.Event | None] = [None, None]
+
+        def issue(i: int) -> None:
+            slot = i % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # the pinned buffer is free again
+            self._gather(self.batches[i], host[slot])
+            with torch.cuda.stream(copy_stream):
+                if used[slot] is not None:
+                    copy_stream.wait_event(used[slot])  # the device buffer was consumed
+                dev[slot].copy_(host[slot], non_blocking=True)
+                copied[slot] = torch.cuda.Event()
+                copied[slot].record(copy_stream)
+
+        issue(0)
+        for i, entries in enumerate(self.batches):
+            if i + 1 < len(self.batches):
+                issue(i + 1)
+            slot = i % 2
+            torch.cuda.current_stream(self.device).wait_event(copied[slot])
+            yield entries, dev[slot] if self.fixed else dev[slot][: len(entries)]
+            used[slot] = torch.cuda.Event()
+            used[slot].record(torch.cuda.current_stream(self.device))
+
+
+class NetworkRunner:
+    """Runs all passes of a window batch: returns one ``(n, K, *roi)`` tensor per pass.
+
+    Pass order is network-major, mirror-minor (``for net in networks: for m in mirrors``). The
+    mirrored copies of the windows are concatenated along the batch axis so each network runs
+    once per window batch; the outputs are flipped back.
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        mirrors: Sequence[tuple[int, ...]],
+        cfg: InferenceConfig,
+        device: torch.device,
+    ) -> None:
+        self.mirrors = list(mirrors)
+        self.forwards = [self._prepare(net, cfg, device) for net in networks]
+
+    @staticmethod
+    def _prepare(net: nn.Module, cfg: InferenceConfig, device: torch.device) -> Callable:
+        if cfg.channels_last:
+            net.to(memory_format=torch.channels_last_3d)
+        fwd: Callable = net
+        if cfg.compile:
+            per_net = _COMPILED.setdefault(net, {})
+            key = (cfg.compile_backend, cfg.compile_mode)
+            if key not in per_net:
+                per_net[key] = _CompiledForward(net, cfg.compile_backend, cfg.compile_mode)
+            fwd = per_net[key]
+        if cfg.cuda_graphs and device.type == "cuda":
+            graphed = _GRAPHS.get(net)
+            if graphed is None or graphed.fn is not fwd:
+                graphed = _GraphedForward(fwd)
+                _GRAPHS[net] = graphed
+            fwd = graphed
+        return fwd
+
+    def __call__(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        n = windows.shape[0]
+        if len(self.mirrors) == 1 and not self.mirrors[0]:
+            x = windows
+        else:
+            x = torch.cat([windows.flip(m) if m else windows for m in self.mirrors])
+        outputs = []
+        for fwd in self.forwards:
+            y = first_output(fwd(x))
+            for j, m in enumerate(self.mirrors):
+                part = y[j * n : (j + 1) * n]
+                outputs.append(part.flip(m) if m else part)
+        return outputs
+
+
+class _CompiledForward:
+    """``torch.compile`` of a network with an eager fallback, remembered per input signature."""
+
+    def __init__(self, net: nn.Module, backend: str, mode: str | None) -> None:
+        self.net = net
+        self.compiled = torch.compile(net, backend=backend, mode=mode, dynamic=False)
+        self.status: dict[tuple, bool] = {}  # signature -> compiled call worked
+
+    @staticmethod
+    def signature(x: torch.Tensor) -> tuple:
+        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        return (tuple(x.shape), x.dtype, x.device.type, tuple(x.stride()), amp)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        key = self.signature(x)
+        ok = self.status.get(key)
+        if ok is False:
+            return self.net(x)
+        if ok is None:
+            try:
+                y = self.compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure must fall back
+                logger.warning("torch.compile failed for input %s (%s); running eager", key[0], exc)
+                self.status[key] = False
+                return self.net(x)
+            self.status[key] = True
+            return y
+        return self.compiled(x)
+
+
+class _GraphedForward:
+    """CUDA-graph replay of a forward per input signature; eager when capture fails."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = _CompiledForward.signature(x)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x)
+        entry = self.graphs[key]
+        if entry is None:
+            return first_output(self.fn(x))
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        # The caller consumes the output before the next replay overwrites it (same stream).
+        return static_out
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None:
+        try:
+            static_in = x.clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: cuDNN autotuning and lazy inits outside the capture
+                    first_output(self.fn(static_in))
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = first_output(self.fn(static_in))
+            return graph, static_in, static_out
+        except Exception as exc:  # noqa: BLE001 - capture failures must fall back, not crash
+            logger.warning("CUDA graph capture failed for input %s (%s); running eager", tuple(x.shape), exc)
+            return None
