@@ -68,9 +68,14 @@ def read_dicom_series(paths: list[Path] | tuple[Path, ...], *, decode_threads: i
 
 def _read_file(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for corrupt files
         raise IngestError(f"cannot read DICOM file {path}: {type(exc).__name__}: {exc}") from exc
+    if "PixelData" not in ds:
+        # pydicom returns an EMPTY dataset (after a warning) when an encapsulated pixel data
+        # element is cut short, so a missing element is how truncation shows up here.
+        raise IngestError(f"truncated or undecodable pixel data in {path}: no complete Pixel Data element")
+    return ds
 
 
 def _is_multiframe(ds: Dataset) -> bool:
