@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     MRImageStorage,
     generate_uid,
 )
@@ -247,6 +249,9 @@ def _pixel_module(ds: Dataset, pixels: np.ndarray, spec: DicomSeriesSpec) -> Non
 
 def encode(ds: Dataset, transfer_syntax: str) -> None:
     """Set the transfer syntax, compressing the pixel data with pydicom's encoders if needed."""
+    if UID(transfer_syntax) in (JPEG2000Lossless, JPEG2000) and min(ds.Rows, ds.Columns) < 32:
+        # OpenJPEG's encoder always uses 6 resolution levels, which need tiles of at least 32 pixels.
+        raise ValueError(f"JPEG 2000 encoding needs Rows and Columns >= 32; got {ds.Rows} x {ds.Columns}")
     if UID(transfer_syntax).is_compressed:
         # pydicom picks an installed encoder plugin (its own RLE, pyjpegls, pylibjpeg-openjpeg).
         ds.compress(UID(transfer_syntax), generate_instance_uid=False)
