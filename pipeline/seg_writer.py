@@ -71,7 +71,8 @@ def write_dicom_seg(
         algorithm_name: name in the segments' AlgorithmIdentificationSequence and ManufacturerModelName.
         algorithm_version: version string there and in SoftwareVersions.
         series_number: SeriesNumber of the new SEG series.
-        segmentation_type: "BINARY" (widest viewer support) or "LABELMAP".
+        segmentation_type: "BINARY" (default: widest viewer support, passes dciodvfy) or
+            "LABELMAP" (newer Label Map SEG IOD; the dicom3tools we test with predate it).
 
     Returns:
         ``out_path`` as a Path.

@@ -188,9 +188,10 @@ def test_dciodvfy_reports_no_errors(tmp_path):
     assert "Segmentation" in report  # dciodvfy recognised the IOD it checked
 
 
-def test_with_project_generator_and_reader(tmp_path):
+@pytest.mark.parametrize("layout", ["series", "enhanced"])
+def test_with_project_generator_and_reader(tmp_path, layout):
     """The contract with ingestion: a mask on read_dicom_series' grid goes back onto the right voxels."""
-    synthetic = pytest.importorskip("preprocessing.synthetic_dicom", reason="H2's generator not present")
+    synthetic = pytest.importorskip("preprocessing.synthetic", reason="H2's generator not present")
     series = pytest.importorskip("preprocessing.dicom_series", reason="H3's reader not present")
     rot = ORIENTATIONS["oblique"]
     affine_ras = np.eye(4)
@@ -198,11 +199,30 @@ def test_with_project_generator_and_reader(tmp_path):
     affine_ras[:3, 3] = (10.0, -20.0, 5.0)
     image = np.random.default_rng(5).normal(0, 50, SHAPE).astype(np.float32)
     spec = synthetic.DicomSeriesSpec(shuffle_names=True, shuffle_instance_numbers=True)
-    paths = synthetic.write_dicom_series(image, affine_ras, tmp_path / "src", spec)
+    if layout == "series":
+        paths = synthetic.write_dicom_series(image, affine_ras, tmp_path / "src", spec)
+        paths = [paths[i] for i in np.random.default_rng(6).permutation(len(paths))]
+    else:  # frames stored in a shuffled order: only the per-frame positions tell where they go
+        paths = [
+            synthetic.write_enhanced_dicom(image, affine_ras, tmp_path / "mf.dcm", spec, shuffle_frames=True)
+        ]
     volume = series.read_dicom_series(list(paths))
     mask = _asymmetric_mask()
     assert volume.spatial_shape == mask.shape
-    shuffled = [paths[i] for i in np.random.default_rng(6).permutation(len(paths))]
-    out = write_dicom_seg(mask, shuffled, LABELS, tmp_path / "seg.dcm")
+    out = write_dicom_seg(mask, paths, LABELS, tmp_path / "seg.dcm")
     affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
     assert np.array_equal(_seg_in_our_grid(hd.seg.segread(out), affine_lps), np.where(mask == 3, 2, mask))
+
+
+def test_labelmap_type_round_trip(tmp_path):
+    """LABELMAP SEGs read back onto the same voxels (not dciodvfy-checked: the installed dicom3tools
+    predates the Label Map Segmentation IOD and reports it as unknown)."""
+    affine = _affine_lps("sagittal")
+    files = _write_series(tmp_path / "src", affine, np.zeros(SHAPE))
+    mask = _asymmetric_mask()
+    out = write_dicom_seg(
+        mask, [p for p, _ in files], LABELS, tmp_path / "seg.dcm", segmentation_type="LABELMAP"
+    )
+    seg = hd.seg.segread(out)
+    assert seg.SegmentationType == "LABELMAP"
+    assert np.array_equal(_seg_in_our_grid(seg, affine), np.where(mask == 3, 2, mask))
