@@ -218,21 +218,18 @@ def _write_non_images(root: Path, seed: int, patients: Sequence[DicomSeriesSpec]
     """A Basic Text SR next to image series, a fake DICOMDIR, a text note and binary junk."""
     sr_spec = patients[0].with_series(series_number=99, series_description="SYNTH REPORT", seed=seed)
     write_text_sr(root / "PAT1/STUDY1/MIXED" / _random_name(seed, "sr"), sr_spec)
-    _write_text_atomic(root / "DICOMDIR", "not a DICOM file: a leftover from a CD export\n")
-    _write_text_atomic(
-        root / "PAT1" / "README.txt", "Exported by SYNTH PACS. Contains no real patient data.\n"
+    _write_bytes_atomic(root / "DICOMDIR", b"not a DICOM file: a leftover from a CD export\n")
+    _write_bytes_atomic(
+        root / "PAT1" / "README.txt", b"Exported by SYNTH PACS. Contains no real patient data.\n"
     )
     junk = np.random.default_rng([seed, 97]).bytes(777)
-    path = root / "PAT2/STUDY1/MR" / _random_name(seed, "junk")
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(junk)
-    os.replace(tmp, path)
+    _write_bytes_atomic(root / "PAT2/STUDY1/MR" / _random_name(seed, "junk"), junk)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
