@@ -36,21 +36,22 @@ def dask_client(
     """
     if scheduler:
         logger.info("connecting to Dask scheduler %s", scheduler)
-        with Client(scheduler, set_as_default=False) as client:
+        with Client(scheduler) as client:
             yield client
         return
     n = max(1, int(workers or 1))
-    # dashboard_address=None: no web server; a batch job on a shared host must not grab a port.
+    # ":0": the scheduler always runs an HTTP server (health/metrics); on a random free port a batch
+    # job on a shared host never collides with a user's dashboard on 8787.
     with (
         LocalCluster(
             n_workers=n,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.WARNING,
             resources=resources,
         ) as cluster,
-        Client(cluster, set_as_default=False) as client,
+        Client(cluster) as client,
     ):
         logger.info("started a local Dask cluster with %d worker process(es)", n)
         yield client

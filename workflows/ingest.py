@@ -122,7 +122,7 @@ def _run_on_cluster(todo: list[SourceItem], images_dir: Path, config: IngestConf
         }
         failures = 0
         with tqdm(total=len(futures), desc="series", unit="series") as bar:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 try:
                     row = future.result()
                 except Exception as exc:  # the worker died (memory, signal): the case failed, not the run
