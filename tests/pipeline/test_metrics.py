@@ -148,3 +148,16 @@ def test_summarize_metrics_t_interval_and_nans():
     assert hd["n"] == 2 and hd["n_nan"] == 1 and hd["mean"] == pytest.approx(3.0)
     single = s["kidney"]["dice"]
     assert single["n"] == 1 and math.isnan(single["std"]) and all(math.isnan(v) for v in single["ci95"])
+
+
+def test_masks_touching_the_array_border_match_peers():
+    """Our crop to the union box must not change anything when structures touch the array edge."""
+    gt = np.zeros(SHAPE, bool)
+    gt[0:10, 5:30, 0:8] = True
+    pred = np.zeros(SHAPE, bool)
+    pred[0:12, 3:28, 1 : SHAPE[2]] = True
+    row = segmentation_metrics(pred.astype(np.uint8), gt.astype(np.uint8), {1: "edge"}, SPACING)[0]
+    assert row["dice"] == pytest.approx(medpy_binary.dc(pred, gt), rel=1e-5)
+    assert row["assd"] == pytest.approx(medpy_binary.assd(pred, gt, SPACING), rel=1e-4)
+    sd = deepmind.compute_surface_distances(gt, pred, SPACING)
+    assert row["nsd"] == pytest.approx(deepmind.compute_surface_dice_at_tolerance(sd, 2.0), abs=1e-3)
