@@ -168,7 +168,8 @@ def summarize_metrics(rows: Iterable[Mapping], metrics: Sequence[str] = METRIC_N
     """Per-label summary of metric rows (from one or many cases).
 
     Rows whose ``status`` is present and not ``"ok"`` are skipped (error rows of ``medseg evaluate``).
-    NaNs (distances with an empty mask) are excluded from the statistics and counted in ``n_nan``.
+    NaNs (distances with an empty mask) are excluded from the statistics and counted in ``n_nan``;
+    a metric key missing from a row is simply not counted.
 
     The 95% confidence interval is the Student-t interval of the mean,
     ``mean +- t(0.975, n-1) * std / sqrt(n)`` with the sample standard deviation (ddof=1);
@@ -184,8 +185,9 @@ def summarize_metrics(rows: Iterable[Mapping], metrics: Sequence[str] = METRIC_N
             continue
         per_label = values.setdefault(str(row["label"]), {m: [] for m in metrics})
         for m in metrics:
-            v = row.get(m)
-            per_label[m].append(math.nan if v is None or v == "" else float(v))
+            if m in row:  # absent = not measured (not counted); present but NaN/None/"" = counted in n_nan
+                v = row[m]
+                per_label[m].append(math.nan if v is None or v == "" else float(v))
     return {
         label: {m: _describe(np.asarray(vals, dtype=np.float64)) for m, vals in per_metric.items()}
         for label, per_metric in values.items()

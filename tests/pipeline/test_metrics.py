@@ -136,6 +136,7 @@ def test_summarize_metrics_t_interval_and_nans():
         {"label": "liver", "dice": 0.7, "hd95": 4.0},
         {"label": "liver", "dice": 0.1, "hd95": 9.0, "status": "error"},
         {"label": "kidney", "dice": 0.5, "hd95": 1.0},
+        {"label": "kidney", "dice": 0.7},  # hd95 not measured: not counted
     ]
     s = summarize_metrics(rows, metrics=("dice", "hd95"))
     dice = s["liver"]["dice"]
@@ -146,8 +147,9 @@ def test_summarize_metrics_t_interval_and_nans():
     assert dice["ci95"] == pytest.approx([0.8 - half, 0.8 + half])
     hd = s["liver"]["hd95"]
     assert hd["n"] == 2 and hd["n_nan"] == 1 and hd["mean"] == pytest.approx(3.0)
-    single = s["kidney"]["dice"]
-    assert single["n"] == 1 and math.isnan(single["std"]) and all(math.isnan(v) for v in single["ci95"])
+    single = s["kidney"]["hd95"]
+    assert single["n"] == 1 and single["n_nan"] == 0
+    assert math.isnan(single["std"]) and all(math.isnan(v) for v in single["ci95"])
 
 
 def test_masks_touching_the_array_border_match_peers():
