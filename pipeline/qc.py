@@ -104,6 +104,8 @@ def write_qc_picture(
             fontsize=10,
         )
     note = f"window {lo:.0f}..{hi:.0f}" + ("; oblique grid shown on nearest RAS axes" if oblique else "")
+    if not any(np.any(ras_mask == v) for v in label_names):
+        note += "; NO LABELLED VOXELS"
     fig.suptitle(f"{title}  ({note})" if title else note, color="white", fontsize=11)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.12, wspace=0.08)
     out = Path(out_path)
