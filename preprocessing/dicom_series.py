@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from preprocessing.dicom_geometry import check_same, rescale_stack, stack_geometry, stack_to_volume_array
 from preprocessing.dicom_multiframe import read_multiframe
@@ -85,36 +86,29 @@ def _is_multiframe(ds: Dataset) -> bool:
 def _read_single_frame_series(
     datasets: list[Dataset], paths: list[Path], decode_threads: int | None
 ) -> Volume:
-    sops = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
+    headers = [_slice_header(ds, path) for ds, path in zip(datasets, paths, strict=True)]
+    sops = [h["sop"] for h in headers]
     n_dup = len(sops) - len(set(sops))
     if n_dup:
         raise IngestError(
             f"duplicate SOP instances: {n_dup} file(s) repeat a SOPInstanceUID already in the series"
         )
-    for ds, path in zip(datasets, paths, strict=True):
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
-            if ds.get(keyword) is None:
-                raise IngestError(f"{path}: missing {keyword}; cannot place the slice in the world")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
-    check_same([(int(ds.Rows), int(ds.Columns)) for ds in datasets], "rows/columns")
+    check_same([h["size"] for h in headers], "rows/columns")
     check_same(
-        [tuple(round(float(v), 6) for v in ds.ImageOrientationPatient) for ds in datasets],
-        "orientations (ImageOrientationPatient)",
+        [tuple(round(v, 6) for v in h["iop"]) for h in headers], "orientations (ImageOrientationPatient)"
     )
-    check_same([tuple(round(float(v), 6) for v in ds.PixelSpacing) for ds in datasets], "PixelSpacing")
+    check_same([tuple(round(v, 6) for v in h["spacing"]) for h in headers], "PixelSpacing")
     first = datasets[0]
     geometry = stack_geometry(
-        np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets]),
-        np.array([float(v) for v in first.ImageOrientationPatient]),
-        np.array([float(v) for v in first.PixelSpacing]),
+        np.array([h["ipp"] for h in headers]),
+        np.array(headers[0]["iop"]),
+        np.array(headers[0]["spacing"]),
         single_slice_spacing_mm=_nominal_spacing(first),
     )
     order = geometry.order
-    ordered = [datasets[k] for k in order]
-    raw = decode_frames(ordered, [paths[k] for k in order], decode_threads)
-    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for ds in ordered])
-    intercepts = np.array([float(ds.get("RescaleIntercept", 0) or 0) for ds in ordered])
+    raw = decode_frames([datasets[k] for k in order], [paths[k] for k in order], decode_threads)
+    slopes = np.array([headers[k]["slope"] for k in order])
+    intercepts = np.array([headers[k]["intercept"] for k in order])
     stack = rescale_stack(raw, slopes, intercepts)
     series_uid = str(first.get("SeriesInstanceUID", ""))
     return Volume(
@@ -125,6 +119,59 @@ def _read_single_frame_series(
         modality=str(first.get("Modality", "")),
         meta={"slice_files": tuple(str(paths[k]) for k in order), "n_files": len(paths)},
     )
+
+
+_TAG_IPP, _TAG_IOP, _TAG_SPACING = 0x00200032, 0x00200037, 0x00280030
+_TAG_SLOPE, _TAG_INTERCEPT, _TAG_SOP = 0x00281053, 0x00281052, 0x00080018
+
+
+def _slice_header(ds: Dataset, path: Path) -> dict:
+    """The values one slice contributes to the stack, each read once.
+
+    Decimal strings are parsed from the raw element bytes (:func:`_decimals`): pydicom's
+    generic element conversion costs more per slice than decoding its pixels.
+    """
+    header = {
+        "ipp": _decimals(ds, _TAG_IPP),
+        "iop": _decimals(ds, _TAG_IOP),
+        "spacing": _decimals(ds, _TAG_SPACING),
+        "slope": (_decimals(ds, _TAG_SLOPE) or [1.0])[0],
+        "intercept": (_decimals(ds, _TAG_INTERCEPT) or [0.0])[0],
+        "sop": str(ds.get("SOPInstanceUID", "")),
+        "size": (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)),
+    }
+    for key, keyword, count in (
+        ("ipp", "ImagePositionPatient", 3),
+        ("iop", "ImageOrientationPatient", 6),
+        ("spacing", "PixelSpacing", 2),
+    ):
+        if header[key] is None or len(header[key]) != count:
+            raise IngestError(f"{path}: missing or malformed {keyword}; cannot place the slice in the world")
+    if 0 in header["size"]:
+        raise IngestError(f"{path}: missing Rows/Columns")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
+    if header["slope"] == 0:
+        header["slope"] = 1.0  # a zero slope is a writer bug; DICOM readers conventionally treat it as 1
+    return header
+
+
+def _decimals(ds: Dataset, tag: int) -> list[float] | None:
+    """A DS (decimal string) element as floats; None when absent or empty."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    try:
+        if isinstance(value, bytes):  # still raw: DS bytes are ASCII in every transfer syntax
+            text = value.decode("ascii").strip(" \0")
+            return [float(v) for v in text.split("\\")] if text else None
+        if value is None or value == "":
+            return None
+        values = value if isinstance(value, list | tuple | MultiValue) else [value]
+        return [float(v) for v in values]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IngestError(f"malformed decimal string in element {tag:08X}: {value!r}") from exc
 
 
 def _nominal_spacing(ds: Dataset) -> float:

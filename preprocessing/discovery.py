@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,7 @@ _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # treated as a localizer (scout) and split off, not a reason to reject the series.
 MAX_LOCALIZER_SLICES = 3
 _ORIENTATION_TOL = 1e-3
+PARALLEL_SCAN_MIN_FILES = 2000
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -105,12 +108,15 @@ class _DicomHeader:
     multiframe: bool
 
 
-def discover_sources(source: Path) -> list[SourceItem]:
+def discover_sources(source: Path, *, processes: int | None = None) -> list[SourceItem]:
     """Scan ``source`` (a file or folder tree) reading headers only.
 
     Args:
         source: a folder of DICOM/NIfTI/NRRD/MHA files (nested, any names), an MSD dataset
             folder (``dataset.json`` + ``imagesTr/``), or a single image file.
+        processes: header-reading processes for large trees (default: CPU count, at most 8;
+            1 reads in this process). Trees under :data:`PARALLEL_SCAN_MIN_FILES` files are
+            always read here, where starting processes would cost more than it saves.
 
     Returns:
         Items sorted by (kind, case_id, first path) so runs are reproducible.
@@ -125,13 +131,15 @@ def discover_sources(source: Path) -> list[SourceItem]:
         return _discover_msd(source)
     files = [source] if source.is_file() else _walk_files(source)
     items: list[SourceItem] = []
-    headers: list[_DicomHeader] = []
+    candidates: list[Path] = []
     for path in files:
         kind = _file_kind(path)
         if kind in ("nifti", "itk"):
             items.append(SourceItem(kind, sanitize_case_id(_stem(path)), (path,)))
-            continue
-        header_or_item = _read_dicom_header(path)
+        else:
+            candidates.append(path)
+    headers: list[_DicomHeader] = []
+    for header_or_item in _read_headers(candidates, processes):
         if isinstance(header_or_item, SourceItem):
             items.append(header_or_item)
         else:
@@ -140,6 +148,27 @@ def discover_sources(source: Path) -> list[SourceItem]:
     items = _mark_case_id_collisions(items)
     logger.info("discovered %d items in %d files under %s", len(items), len(files), source)
     return sorted(items, key=lambda it: (it.kind, it.case_id, str(it.paths[0]) if it.paths else ""))
+
+
+def _read_headers(paths: list[Path], processes: int | None) -> list[_DicomHeader | SourceItem]:
+    """Header of every candidate file, in order; a process pool for large trees.
+
+    Parsing DICOM headers in pydicom is pure Python (GIL-bound), so threads would not help;
+    processes scale with cores.
+    """
+    n_proc = min(8, os.cpu_count() or 1) if processes is None else max(1, processes)
+    if n_proc == 1 or len(paths) < PARALLEL_SCAN_MIN_FILES:
+        return [_read_dicom_header(p) for p in paths]
+    chunk = max(64, len(paths) // (n_proc * 4))
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    # forkserver: never fork a parent that may be running threads (Dask client, tqdm).
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(n_proc, mp_context=context) as pool:
+        return [h for part in pool.map(_read_header_chunk, chunks) for h in part]
+
+
+def _read_header_chunk(paths: list[Path]) -> list[_DicomHeader | SourceItem]:
+    return [_read_dicom_header(p) for p in paths]
 
 
 def _walk_files(root: Path) -> list[Path]:

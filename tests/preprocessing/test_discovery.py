@@ -104,3 +104,13 @@ def test_same_file_name_in_two_folders_is_flagged(tmp_path):
 def test_missing_source_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         discover_sources(tmp_path / "nope")
+
+
+def test_parallel_header_scan_gives_the_same_items(hospital, monkeypatch):
+    root, _ = hospital
+    serial = discover_sources(root, processes=1)
+    monkeypatch.setattr("preprocessing.discovery.PARALLEL_SCAN_MIN_FILES", 1)
+    parallel = discover_sources(root, processes=2)
+    assert [(it.case_id, it.status, it.reason, it.paths) for it in parallel] == [
+        (it.case_id, it.status, it.reason, it.paths) for it in serial
+    ]

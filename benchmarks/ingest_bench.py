@@ -1,0 +1,182 @@
+"""Ingestion benchmark: series read vs SimpleITK, header scan rate, Dask scaling.
+
+Usage::
+
+    python benchmarks/ingest_bench.py [--size 512] [--slices 300] [--scan-files 10000]
+        [--scaling-series 8] [--repeats 3] [--record benchmarks/RESULTS.md]
+
+1. ``read_dicom_series`` vs SimpleITK ``ImageSeriesReader`` (GDCM) on one generated
+   size x size x slices CT series (int16, explicit VR little endian), both warm (page cache),
+   alternating, best of ``--repeats``. SimpleITK is timed twice: reading a sorted file list
+   (``Execute`` + ``GetArrayFromImage``) and with its own header scan/sort
+   (``GetGDCMSeriesFileNames``), because our reader sorts the files it is given.
+2. ``discover_sources`` header scan over a tree of ``--scan-files`` small (64 x 64) slices.
+3. ``medseg ingest`` wall time on ``--scaling-series`` series with 1 and 2 local Dask workers
+   (cluster start included: that is what a user waits for).
+
+Not a test: numbers depend on the machine; the script prints them and, with ``--record``,
+appends them to the "## Ingestion" section of the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from preprocessing.dicom_series import read_dicom_series
+from preprocessing.discovery import discover_sources
+from preprocessing.synthetic import DicomSeriesSpec, orientation_affine, write_dicom_series
+from workflows.ingest import IngestConfig, run_ingest
+
+
+def _write_series(folder: Path, shape: tuple[int, int, int], seed: int, series_number: int = 1) -> list[Path]:
+    """A CT-like series of random HU values (a phantom of 512^2 x 300 would cost more than the read)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(-1000, 1500, size=shape, dtype=np.int16).astype(np.float32)
+    affine = orientation_affine("axial", (0.7, 0.7, 1.0), shape=shape)
+    spec = DicomSeriesSpec(seed=seed, series_number=series_number, shuffle_names=True)
+    return write_dicom_series(image, affine, folder, spec)
+
+
+def _best(fn, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def bench_read(root: Path, size: int, slices: int, repeats: int) -> dict:
+    folder = root / "big"
+    files = _write_series(folder, (size, size, slices), seed=0)
+    sorted_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+
+    def ours():
+        return read_dicom_series(files).array
+
+    def itk_sorted():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sorted_names)
+        return sitk.GetArrayFromImage(reader.Execute())
+
+    def itk_with_scan():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+        return sitk.GetArrayFromImage(reader.Execute())
+
+    assert np.array_equal(ours()[0], itk_sorted().transpose(2, 1, 0))  # same voxels, or the race is void
+    results = {"ours": [], "itk_sorted": [], "itk_scan": []}
+    for _ in range(repeats):  # interleaved so background load hits all three alike
+        for name, fn in (("ours", ours), ("itk_sorted", itk_sorted), ("itk_scan", itk_with_scan)):
+            start = time.perf_counter()
+            fn()
+            results[name].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in results.items()}
+    median = {k: statistics.median(v) for k, v in results.items()}
+    return {"best": best, "median": median, "files": len(files)}
+
+
+def bench_scan(root: Path, n_files: int) -> dict:
+    folder = root / "scan"
+    per_series = 100
+    for s in range(max(1, n_files // per_series)):
+        _write_series(folder / f"p{s % 10}" / f"s{s}", (64, 64, per_series), seed=s + 1, series_number=s + 1)
+    total = sum(1 for p in folder.rglob("*") if p.is_file())
+    rates = {}
+    for label, processes in (("1 process", 1), (f"{min(8, os.cpu_count() or 1)} processes", None)):
+        start = time.perf_counter()
+        items = discover_sources(folder, processes=processes)
+        rates[label] = total / (time.perf_counter() - start)
+    return {"files": total, "rates": rates, "series": len(items)}
+
+
+def bench_scaling(root: Path, n_series: int, size: int) -> dict:
+    folder = root / "scaling"
+    for s in range(n_series):
+        _write_series(folder / f"s{s}", (size, size, 100), seed=100 + s, series_number=s + 1)
+    out = {}
+    for workers in (1, 2):
+        target = root / f"out{workers}"
+        start = time.perf_counter()
+        code = run_ingest(IngestConfig(folder, target, workers=workers))
+        out[workers] = time.perf_counter() - start
+        assert code == 0
+        shutil.rmtree(target)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--scan-files", type=int, default=10_000)
+    parser.add_argument("--scaling-series", type=int, default=8)
+    parser.add_argument("--scaling-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", default=None, metavar="FILE", help="append results to this markdown file")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="ingest_bench_"))
+    try:
+        read = bench_read(root, args.size, args.slices, args.repeats)
+        ratio = read["best"]["itk_sorted"] / read["best"]["ours"]
+        ratio_scan = read["best"]["itk_scan"] / read["best"]["ours"]
+        lines = [
+            f"- series read {args.size}x{args.size}x{args.slices} int16 (best of {args.repeats}, warm cache): "
+            f"ours {read['best']['ours']:.3f} s (median {read['median']['ours']:.3f}), "
+            f"SimpleITK sorted list {read['best']['itk_sorted']:.3f} s (median {read['median']['itk_sorted']:.3f}), "
+            f"SimpleITK incl. GDCM scan {read['best']['itk_scan']:.3f} s; "
+            f"speed ratio SimpleITK/ours = {ratio:.2f} (sorted list), {ratio_scan:.2f} (incl. scan)",
+        ]
+        print(lines[-1], flush=True)
+        shutil.rmtree(root / "big")
+        scan = bench_scan(root, args.scan_files)
+        rates = ", ".join(f"{rate:.0f} files/s with {label}" for label, rate in scan["rates"].items())
+        lines.append(
+            f"- header scan (discover_sources) of {scan['files']} files ({scan['series']} series): {rates}"
+        )
+        print(lines[-1], flush=True)
+        shutil.rmtree(root / "scan")
+        scaling = bench_scaling(root, args.scaling_series, args.scaling_size)
+        lines.append(
+            f"- medseg ingest of {args.scaling_series} series ({args.scaling_size}^2 x 100) incl. cluster "
+            f"start: 1 worker {scaling[1]:.1f} s, 2 workers {scaling[2]:.1f} s "
+            f"(speed-up {scaling[1] / scaling[2]:.2f}x)"
+        )
+        print(lines[-1], flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.record:
+        _record(Path(args.record), lines)
+    return 0
+
+
+def _record(path: Path, lines: list[str]) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    block = "\n".join([f"### {stamp} -- {machine}", *lines]) + "\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if "## Ingestion" not in text:
+        text = text.rstrip("\n") + "\n\n## Ingestion\n\n"
+    # Append under our own section, before the next "## " heading, so other sections stay intact.
+    head, _, tail = text.partition("## Ingestion\n")
+    rest_start = tail.find("\n## ")
+    ours, after = (tail, "") if rest_start < 0 else (tail[: rest_start + 1], tail[rest_start + 1 :])
+    text = head + "## Ingestion\n" + ours.rstrip("\n") + "\n\n" + block + ("\n" + after if after else "")
+    path.write_text(text)
+    print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
