@@ -17,6 +17,9 @@ import numpy as np
 from preprocessing.errors import GeometryError, IngestError
 
 _UNIT_TOL = 1e-3  # direction cosines written with ~6 decimals are unit/orthogonal to this tolerance
+# Slices of one stack may differ in IOP / PixelSpacing by decimal-string rounding, no more.
+ORIENTATION_TOL = 1e-4
+SPACING_TOL_MM = 1e-4
 _DUPLICATE_TOL_MM = 1e-3
 
 
@@ -137,6 +140,8 @@ def rescale_stack(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -
         raw: (N, rows, cols) stored values, any integer dtype.
         slopes, intercepts: (N,) per-slice RescaleSlope / RescaleIntercept.
 
+    ``raw`` is overwritten when the result has its dtype (pass a copy to keep it).
+
     Returns:
         (N, rows, cols): the raw array unchanged when every slope is 1 and intercept 0; int16 (or
         int32 if the range needs it) when all are whole numbers, e.g. CT in HU; float32 otherwise.
@@ -155,7 +160,7 @@ def rescale_stack(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -
         dtype = np.int16 if ends.min() >= -32768 and ends.max() <= 32767 else np.int32
         if ends.min() < np.iinfo(np.int32).min or ends.max() > np.iinfo(np.int32).max:
             dtype = np.float64
-        out = raw.astype(dtype)
+        out = raw if raw.dtype == dtype else raw.astype(dtype)  # in place when possible: saves a volume
         if not np.all(slopes == 1):
             out *= slopes.astype(dtype)[:, None, None]
         out += intercepts.astype(dtype)[:, None, None]
@@ -166,8 +171,22 @@ def rescale_stack(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -
     return out
 
 
-def check_same(values: list, what: str) -> None:
-    """Raise IngestError naming ``what`` when the slices disagree on it."""
+def check_same(values: list, what: str, atol: float = 0.0) -> None:
+    """Raise IngestError naming ``what`` when the slices disagree on it.
+
+    Args:
+        values: one value (number or vector) per slice.
+        what: name for the message.
+        atol: tolerance for numeric vectors; direction cosines and spacings written as decimal
+            strings jitter in the last digits between slices of one stack, which is not a mismatch.
+    """
+    if atol > 0:
+        array = np.asarray(values, dtype=np.float64)
+        deviation = np.abs(array - array[0]).max(axis=tuple(range(1, array.ndim)))
+        if np.any(deviation > atol):
+            other = values[int(np.argmax(deviation))]
+            raise IngestError(f"mismatched {what} across slices: {list(values[0])} vs {list(other)}")
+        return
     distinct = {tuple(v) if isinstance(v, list | tuple | np.ndarray) else v for v in values}
     if len(distinct) > 1:
         shown = ", ".join(str(v) for v in sorted(distinct, key=str)[:4])

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from preprocessing.dicom_geometry import check_same, rescale_stack, stack_geometry, stack_to_volume_array
+from preprocessing.dicom_geometry import (
+    ORIENTATION_TOL,
+    SPACING_TOL_MM,
+    check_same,
+    rescale_stack,
+    stack_geometry,
+    stack_to_volume_array,
+)
 from preprocessing.errors import IngestError
 from preprocessing.image import Volume, lps_to_ras, pseudonymous_case_id
 
@@ -55,14 +62,14 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
         if plane is None or orient is None or measures is None:
             raise IngestError(f"{path}: frame {f} lacks plane position, orientation or pixel measures")
         positions.append([float(v) for v in plane.ImagePositionPatient])
-        orientations.append(tuple(round(float(v), 6) for v in orient.ImageOrientationPatient))
-        spacings.append(tuple(round(float(v), 6) for v in measures.PixelSpacing))
+        orientations.append([float(v) for v in orient.ImageOrientationPatient])
+        spacings.append([float(v) for v in measures.PixelSpacing])
         transform = _group(item, shared_item, "PixelValueTransformationSequence")
         source = transform if transform is not None else ds
         slopes.append(float(source.get("RescaleSlope", 1) or 1))
         intercepts.append(float(source.get("RescaleIntercept", 0) or 0))
-    check_same(orientations, "orientations (ImageOrientationPatient)")
-    check_same(spacings, "PixelSpacing")
+    check_same(orientations, "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
+    check_same(spacings, "PixelSpacing", atol=SPACING_TOL_MM)
     thickness = measures.get("SliceThickness") or measures.get("SpacingBetweenSlices") or 1.0
     geometry = stack_geometry(
         np.array(positions),

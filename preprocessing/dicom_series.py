@@ -19,13 +19,21 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from preprocessing.dicom_geometry import check_same, rescale_stack, stack_geometry, stack_to_volume_array
+from preprocessing.dicom_geometry import (
+    ORIENTATION_TOL,
+    SPACING_TOL_MM,
+    check_same,
+    rescale_stack,
+    stack_geometry,
+    stack_to_volume_array,
+)
 from preprocessing.dicom_multiframe import read_multiframe
 from preprocessing.errors import IngestError
 from preprocessing.image import Volume, lps_to_ras, pseudonymous_case_id
 
 logger = logging.getLogger(__name__)
 
+_DEFER_BYTES = 16 * 1024
 _LITTLE_ENDIAN_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _UNCOMPRESSED = {
     "1.2.840.10008.1.2",  # implicit VR little endian
@@ -69,7 +77,9 @@ def read_dicom_series(paths: list[Path] | tuple[Path, ...], *, decode_threads: i
 
 def _read_file(path: Path) -> Dataset:
     try:
-        ds = pydicom.dcmread(path)
+        # Deferring large values (pixel data) keeps parsing cheap and lets decode_frames load one
+        # slice at a time: peak memory is the output volume plus one slice, not twice the series.
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for corrupt files
         raise IngestError(f"cannot read DICOM file {path}: {type(exc).__name__}: {exc}") from exc
     if "PixelData" not in ds:
@@ -94,10 +104,8 @@ def _read_single_frame_series(
             f"duplicate SOP instances: {n_dup} file(s) repeat a SOPInstanceUID already in the series"
         )
     check_same([h["size"] for h in headers], "rows/columns")
-    check_same(
-        [tuple(round(v, 6) for v in h["iop"]) for h in headers], "orientations (ImageOrientationPatient)"
-    )
-    check_same([tuple(round(v, 6) for v in h["spacing"]) for h in headers], "PixelSpacing")
+    check_same([h["iop"] for h in headers], "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
+    check_same([h["spacing"] for h in headers], "PixelSpacing", atol=SPACING_TOL_MM)
     first = datasets[0]
     geometry = stack_geometry(
         np.array([h["ipp"] for h in headers]),

@@ -119,6 +119,15 @@ def test_mixed_orientations_in_read_are_refused(tmp_path):
         read_dicom_series(files)
 
 
+def test_decimal_jitter_between_slices_is_accepted(tmp_path):
+    files = _good(tmp_path / "s", orientation="oblique")
+    ds = pydicom.dcmread(files[2])
+    ds.ImageOrientationPatient = [f"{float(v) + 4e-6:.8f}" for v in ds.ImageOrientationPatient]
+    ds.PixelSpacing = [f"{float(v) + 3e-6:.8f}" for v in ds.PixelSpacing]
+    ds.save_as(files[2])
+    assert read_dicom_series(files).array.shape == (1, *SHAPE)
+
+
 def test_invalid_orientation_is_refused(tmp_path):
     files = _good(tmp_path / "s")
     for path in files:

@@ -106,6 +106,18 @@ def _write_bad_folder(root: Path) -> dict[str, str]:
     ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.8]
     ds.save_as(files[2])
     expected[uid_of(files)] = "inconsistent slice spacing"
+    # Two full stacks of different orientation under one SeriesInstanceUID.
+    axial = write_bad_gap_series(root / "dicom" / "two_stacks" / "a", seed=10, shape=SHAPE)
+    uid = pydicom.dcmread(axial[0]).SeriesInstanceUID
+    affine = orientation_affine("sagittal", (0.8, 1.1, 2.5), shape=SHAPE)
+    image, _ = make_phantom(SHAPE, seed=10, affine_ras=affine)
+    write_dicom_series(
+        image,
+        affine,
+        root / "dicom" / "two_stacks" / "b",
+        DicomSeriesSpec(seed=10, series_uid=str(uid), series_number=2),
+    )
+    expected[pseudonymous_case_id(str(uid))] = "mixed orientations: 2 different"
     write_bad_nan_nifti(root / "nifti" / "nan_scan.nii.gz", shape=SHAPE)
     expected["nan_scan"] = "NaN/Inf"
     write_bad_truncated_nifti(root / "nifti" / "cut_scan.nii.gz", shape=SHAPE)
