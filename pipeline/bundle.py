@@ -1,0 +1,365 @@
+"""The model bundle: everything inference needs, in one folder or one MLflow registered model.
+
+Bundle folder layout::
+
+    bundle.json     format version, network name + options, label names, code version,
+                    postprocessing, number of folds, CV score
+    plan.json       the training plan (spacing, normalisation, patch size, labels)
+    fold_0.pt ...   one state_dict per fold (tensors only; loaded with ``weights_only=True``)
+    registry.json   (only in downloaded copies) registered model name and version
+
+In MLflow the bundle is the ``bundle`` artifact of a pyfunc model (:class:`MedsegPyfuncModel`),
+so ``load_bundle("models:/NAME@champion")`` and ``mlflow.pyfunc.load_model(...)`` both work from
+the registry alone.
+
+Pyfunc input format (``model.predict(model_input)``): a dict with
+
+* ``"image"``: float array ``(X, Y, Z)`` or ``(C, X, Y, Z)`` in the bundle's intensity units (CT in HU),
+* ``"spacing_mm"``: 3 numbers, voxel spacing along X, Y, Z (axes assumed to point along R, A, S), or
+* ``"affine_ras"`` (optional, instead of ``spacing_mm``): 4x4 voxel -> RAS mm affine,
+
+or a one-row ``pandas.DataFrame`` with those columns. Output: ``uint8`` label map ``(X, Y, Z)`` on
+the input grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.pyfunc import PythonModel
+from torch import nn
+
+from pipeline.tracking import Tracker, set_global_uri
+from preprocessing.atomic import atomic_path, write_text_atomic
+from preprocessing.plan import Plan, read_plan, write_plan
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+_ARTIFACT = "bundle"
+CHAMPION = "champion"
+
+
+class ModelBundleError(Exception):
+    """A model bundle is missing, incomplete or cannot be found in MLflow."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A trained fold ensemble with its plan.
+
+    Attributes:
+        plan: preprocessing plan (spacing, normalisation, patch size, labels, network + options).
+        fold_states: one ``state_dict`` per fold.
+        postprocessing: e.g. ``{"largest_component": True}`` (keep the largest connected
+            component of each label).
+        code_version: git commit of the training code.
+        cv_mean_dice: cross-validation mean foreground Dice.
+        name / version: registered model name and version ("" for a plain folder).
+    """
+
+    plan: Plan
+    fold_states: tuple[dict[str, torch.Tensor], ...]
+    postprocessing: dict[str, Any] = field(default_factory=lambda: {"largest_component": True})
+    code_version: str = ""
+    cv_mean_dice: float = math.nan
+    name: str = ""
+    version: str = ""
+
+    @property
+    def network(self) -> str:
+        return self.plan.network
+
+    @property
+    def network_options(self) -> dict[str, Any]:
+        return self.plan.network_options
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Foreground label value -> name (background excluded)."""
+        return {k: v for k, v in self.plan.labels.items() if k != 0}
+
+    @property
+    def in_channels(self) -> int:
+        return self.plan.in_channels
+
+    @property
+    def modality(self) -> str:
+        """Modality of channel 0 ("CT", "MR", ...)."""
+        return self.plan.modalities.get(0, "")
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.plan.patch_size
+
+    @property
+    def version_tag(self) -> str:
+        """``NAME/vN`` for a registered bundle, else the code version."""
+        return (
+            f"{self.name}/v{self.version}"
+            if self.name and self.version
+            else (self.code_version or "unregistered")
+        )
+
+    def build_networks(self, device: str | torch.device = "cpu") -> list[nn.Module]:
+        """One network per fold with its weights, in eval mode on ``device``."""
+        from networks import build_network
+
+        nets = []
+        for state in self.fold_states:
+            net = build_network(
+                self.plan.network, self.plan.in_channels, self.plan.num_classes, **self.plan.network_options
+            )
+            net.load_state_dict(state)
+            nets.append(net.to(device).eval())
+        return nets
+
+
+def bundle_from_checkpoints(
+    plan: Plan,
+    checkpoints: list[str | Path],
+    postprocessing: dict[str, Any] | None = None,
+    cv_mean_dice: float = math.nan,
+) -> ModelBundle:
+    """Bundle the best checkpoints of the folds (``pipeline.trainer`` format: ``{"model": state_dict}``)."""
+    from pipeline.tracking import code_version
+
+    states = []
+    for path in checkpoints:
+        if not Path(path).is_file():
+            raise ModelBundleError(f"fold checkpoint {path} is missing; train that fold first")
+        states.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
+    return ModelBundle(
+        plan, tuple(states), dict(postprocessing or {"largest_component": True}), code_version(), cv_mean_dice
+    )
+
+
+def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
+    """Write the bundle folder (each file atomically). Returns the folder."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan(bundle.plan, out / "plan.json")
+    for i, state in enumerate(bundle.fold_states):
+        with atomic_path(out / f"fold_{i}.pt") as tmp:
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "network": bundle.network,
+        "network_options": bundle.network_options,
+        "label_names": {str(k): v for k, v in bundle.label_names.items()},
+        "code_version": bundle.code_version,
+        "postprocessing": bundle.postprocessing,
+        "num_folds": len(bundle.fold_states),
+        "cv_mean_dice": None if math.isnan(bundle.cv_mean_dice) else bundle.cv_mean_dice,
+    }
+    write_text_atomic(out / "bundle.json", json.dumps(meta, indent=2))
+    return out
+
+
+def _read_bundle_folder(folder: Path) -> ModelBundle:
+    try:
+        meta = json.loads((folder / "bundle.json").read_text())
+        plan = read_plan(folder / "plan.json")
+        states = tuple(
+            torch.load(folder / f"fold_{i}.pt", map_location="cpu", weights_only=True)
+            for i in range(int(meta["num_folds"]))
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelBundleError(f"{folder} is not a complete model bundle: {exc}") from exc
+    registry = (
+        json.loads((folder / "registry.json").read_text()) if (folder / "registry.json").is_file() else {}
+    )
+    score = meta.get("cv_mean_dice")
+    return ModelBundle(
+        plan,
+        states,
+        dict(meta.get("postprocessing", {})),
+        meta.get("code_version", ""),
+        math.nan if score is None else float(score),
+        registry.get("name", ""),
+        str(registry.get("version", "")),
+    )
+
+
+def _find_bundle_folder(root: Path) -> Path | None:
+    if (root / "bundle.json").is_file():
+        return root
+    found = sorted(root.glob(f"**/{_ARTIFACT}/bundle.json")) or sorted(root.glob("**/bundle.json"))
+    return found[0].parent if found else None
+
+
+def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Local bundle folder for a folder path, ``models:/NAME@alias``, ``models:/NAME/VERSION`` or ``runs:/ID/model``.
+
+    MLflow URIs are downloaded into ``cache_dir`` (a temporary folder when ``None``); the
+    registered name and version are recorded in ``registry.json`` there.
+
+    Raises:
+        ModelBundleError: nothing usable at ``uri``.
+    """
+    text = str(uri)
+    local = Path(text)
+    if "://" not in text and not text.startswith(("models:", "runs:")):
+        folder = _find_bundle_folder(local) if local.is_dir() else None
+        if folder is None:
+            raise ModelBundleError(f"{uri}: no model bundle folder (bundle.json) there")
+        return folder
+    dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="medseg-bundle-"))
+    if dst.exists():
+        shutil.rmtree(dst)  # a stale download of another version must not be mixed in
+    dst.mkdir(parents=True)
+    from pipeline.tracking import tracking_uri
+
+    try:
+        path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=text, dst_path=str(dst), tracking_uri=tracking_uri()
+            )
+        )
+    except Exception as exc:  # MLflow raises several types for "not found" / "unreachable"
+        raise ModelBundleError(
+            f"could not download model {uri} from MLflow at {tracking_uri()}: {exc}"
+        ) from exc
+    folder = _find_bundle_folder(path)
+    if folder is None:
+        raise ModelBundleError(f"{uri} has no medseg bundle artifact")
+    if text.startswith("models:/"):
+        write_text_atomic(folder / "registry.json", json.dumps(_registry_info(text)))
+    return folder
+
+
+def _registry_info(uri: str) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    ref = uri[len("models:/") :]
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return {
+            "name": name,
+            "version": str(client.get_model_version_by_alias(name, alias).version),
+            "alias": alias,
+        }
+    name, _, version = ref.partition("/")
+    return {"name": name, "version": version}
+
+
+def load_bundle(uri_or_dir: str | Path) -> ModelBundle:
+    """Load a bundle from a folder or an MLflow URI (see :func:`resolve_bundle_dir`)."""
+    return _read_bundle_folder(resolve_bundle_dir(uri_or_dir))
+
+
+class MedsegPyfuncModel(PythonModel):
+    """MLflow pyfunc wrapper: predicts a label map from an image array and its spacing (module docstring)."""
+
+    def load_context(self, context: Any) -> None:
+        self.bundle = _read_bundle_folder(Path(context.artifacts[_ARTIFACT]))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.networks = self.bundle.build_networks(self.device)
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        from pipeline.predictor import segment_volume
+        from pipeline.sliding_window import InferenceConfig
+        from preprocessing.image import Volume
+
+        image, affine = _parse_pyfunc_input(model_input)
+        volume = Volume(image, affine, case_id="pyfunc-input", modality=self.bundle.modality)
+        config = InferenceConfig(roi_size=tuple(self.bundle.patch_size), device=self.device)
+        labels, _ = segment_volume(volume, self.networks, self.bundle, config)
+        return labels
+
+
+def _parse_pyfunc_input(model_input: Any) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(model_input, "iloc"):  # pandas DataFrame: first row
+        model_input = {k: model_input[k].iloc[0] for k in model_input.columns}
+    if not isinstance(model_input, dict) or "image" not in model_input:
+        raise ValueError(
+            "pyfunc input must be a dict (or one-row DataFrame) with 'image' and 'spacing_mm' or 'affine_ras'"
+        )
+    image = np.asarray(model_input["image"], dtype=np.float32)
+    image = image[None] if image.ndim == 3 else image
+    if image.ndim != 4:
+        raise ValueError(f"'image' must be (X, Y, Z) or (C, X, Y, Z); got shape {image.shape}")
+    if model_input.get("affine_ras") is not None:
+        affine = np.asarray(model_input["affine_ras"], dtype=np.float64).reshape(4, 4)
+    elif model_input.get("spacing_mm") is not None:
+        affine = np.diag([*np.asarray(model_input["spacing_mm"], dtype=np.float64).reshape(3), 1.0])
+    else:
+        raise ValueError("pyfunc input needs 'spacing_mm' (3 numbers) or 'affine_ras' (4x4)")
+    return image, affine
+
+
+@dataclass(frozen=True)
+class RegistrationInfo:
+    """Result of :func:`register_bundle`."""
+
+    version: str
+    is_champion: bool
+    champion_version: str
+
+
+def register_bundle(
+    bundle: ModelBundle, tracker: Tracker, model_name: str, cv_mean_dice: float
+) -> RegistrationInfo:
+    """Log the bundle as a pyfunc model in ``tracker``'s run and register a new version of ``model_name``.
+
+    The version is tagged with its ``cv_mean_dice``; alias ``champion`` moves to it only if that
+    beats the current champion's tag (or there is no champion).
+    """
+    from importlib.metadata import version as pkg_version
+
+    set_global_uri(tracker.uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_bundle(replace(bundle, cv_mean_dice=cv_mean_dice), Path(tmp) / _ARTIFACT)
+        # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
+        reqs = [f"{p}=={pkg_version(p)}" for p in ("torch", "monai", "numpy", "scipy", "nibabel")]
+        with mlflow.start_run(run_id=tracker.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=MedsegPyfuncModel(),
+                artifacts={_ARTIFACT: str(folder)},
+                registered_model_name=model_name,
+                pip_requirements=reqs,
+            )
+    version = str(info.registered_model_version)
+    client = tracker.client
+    client.set_model_version_tag(model_name, version, "cv_mean_dice", f"{cv_mean_dice:.6f}")
+    client.set_model_version_tag(model_name, version, "network", bundle.network)
+    client.set_model_version_tag(model_name, version, "code_version", bundle.code_version)
+    champion = _champion(tracker, model_name)
+    if champion is None or cv_mean_dice > champion[1]:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+        logger.info(
+            "%s version %s is the new champion (cv_mean_dice %.4f)", model_name, version, cv_mean_dice
+        )
+        return RegistrationInfo(version, True, version)
+    logger.info(
+        "%s version %s (%.4f) does not beat champion version %s (%.4f)",
+        model_name,
+        version,
+        cv_mean_dice,
+        champion[0],
+        champion[1],
+    )
+    return RegistrationInfo(version, False, champion[0])
+
+
+def _champion(tracker: Tracker, model_name: str) -> tuple[str, float] | None:
+    """``(version, cv_mean_dice)`` of the current champion, or ``None``."""
+    try:
+        mv = tracker.client.get_model_version_by_alias(model_name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return str(mv.version), float(mv.tags.get("cv_mean_dice", "-inf"))

@@ -1,0 +1,74 @@
+"""Segment one volume with a bundle's fold ensemble, on the volume's own grid.
+
+plan preprocessing (RAS grid at plan spacing, normalisation) -> ``predict_probabilities`` ->
+resample the *probabilities* back onto the source grid (linear) -> argmax -> postprocessing.
+Resampling probabilities rather than labels keeps thin structures and sub-voxel boundaries
+(see GEOMETRY.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from pipeline.sliding_window import InferenceConfig, predict_probabilities
+from preprocessing.image import Volume
+from preprocessing.resample import resample_to_grid
+from preprocessing.transforms import preprocess_for_inference
+
+if TYPE_CHECKING:
+    from pipeline.bundle import ModelBundle
+
+
+def keep_largest_component(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Per label value, keep only its largest 26-connected component; the rest becomes background.
+
+    Args:
+        labels: ``(X, Y, Z)`` integer label map.
+        values: label values to clean (others are left alone).
+    """
+    out = labels.copy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for value in values:
+        components, n = ndimage.label(labels == value, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        out[(components != int(np.argmax(sizes))) & (components > 0)] = 0
+    return out
+
+
+def segment_volume(
+    volume: Volume,
+    networks: Sequence[nn.Module],
+    bundle: ModelBundle,
+    config: InferenceConfig,
+    return_probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label map of ``volume`` on its own voxel grid.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` image with its RAS affine, any orientation/spacing.
+        networks: the bundle's fold networks (``bundle.build_networks(device)``), averaged.
+        bundle: supplies the plan (spacing, normalisation) and postprocessing.
+        config: sliding-window settings (ROI normally ``bundle.patch_size``).
+        return_probabilities: also return the resampled probabilities.
+
+    Returns:
+        ``(labels uint8 (X, Y, Z), probabilities float32 (K, X, Y, Z) or None)`` on the grid of
+        ``volume`` (same shape and affine).
+    """
+    image, net_affine = preprocess_for_inference(volume, bundle.plan)
+    probs = predict_probabilities(image, list(networks), config)
+    back = resample_to_grid(probs.float(), net_affine, volume.affine_ras, volume.spatial_shape, mode="linear")
+    labels = torch.argmax(back, dim=0).to(torch.uint8).cpu().numpy()
+    if bundle.postprocessing.get("largest_component", False):
+        labels = keep_largest_component(labels, sorted(bundle.label_names))
+    probabilities = back.cpu().numpy().astype(np.float32) if return_probabilities else None
+    return labels, probabilities

@@ -1,0 +1,235 @@
+"""MONAI transform chains for training and validation, and the matching inference preprocessing.
+
+Training chain (dictionary transforms on ``{"image": [paths], "label": path}``)::
+
+    LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(plan spacing)
+    -> CropForegroundd(non-zero) -> NormalizeIntensityByPland -> SpatialPadd(patch)   [deterministic, cached]
+    -> RandCropByPosNegLabeld -> RandAffined [-> Rand3DElasticd] -> intensity augmentation -> RandFlipd
+
+MONAI's ``CacheDataset``/``PersistentDataset`` cache everything up to the first random transform,
+so the deterministic part runs once per case, not once per epoch.
+
+Inference does not use MONAI's loaders: :func:`preprocess_for_inference` takes a :class:`Volume`
+(from any reader of the project), resamples it onto a RAS-aligned grid of the plan spacing with
+``preprocessing.resample`` and calls the *same* :func:`normalize_intensity` as training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from preprocessing.image import Volume
+from preprocessing.plan import ChannelNormalization, Plan
+from preprocessing.resample import resample_to_grid, target_grid
+
+KEYS = ("image", "label")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Data augmentation settings (nnU-Net-like defaults, probabilities per sample).
+
+    Attributes:
+        enabled: ``False`` turns every random transform except the patch crop off.
+        foreground_fraction: fraction of patches centred on foreground (nnU-Net: 0.33).
+        rotation_deg: maximum rotation about each axis; ``scale`` maximum relative zoom.
+        affine_prob / elastic_prob: probabilities of RandAffined / Rand3DElasticd (0 = off).
+        mirror: random flips along every axis (p = 0.5 each).
+        gamma_prob, noise_prob, smooth_prob, scale_intensity_prob: intensity augmentation.
+    """
+
+    enabled: bool = True
+    foreground_fraction: float = 0.33
+    rotation_deg: float = 30.0
+    scale: float = 0.3
+    affine_prob: float = 0.2
+    elastic_prob: float = 0.0
+    mirror: bool = True
+    gamma_prob: float = 0.3
+    noise_prob: float = 0.1
+    smooth_prob: float = 0.2
+    scale_intensity_prob: float = 0.15
+
+
+def normalize_intensity(image: torch.Tensor, normalization: tuple[ChannelNormalization, ...]) -> torch.Tensor:
+    """Normalise each channel of ``image`` as the plan says. The one normalisation of the project.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float tensor (CT in HU), any device.
+        normalization: one entry per channel (``Plan.normalization``).
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 tensor. ``"ct"``: clipped to the foreground percentiles, then
+        z-scored with the dataset foreground mean/std. ``"zscore"``: z-scored with the mean/std of
+        the image's non-zero voxels (all voxels when none is zero) -- statistics over the non-zero
+        region do not change when zero borders are cropped away, so training (cropped) and
+        inference (uncropped) normalise identically.
+    """
+    if image.shape[0] != len(normalization):
+        raise ValueError(f"image has {image.shape[0]} channels but the plan normalises {len(normalization)}")
+    out = torch.empty_like(image, dtype=torch.float32)
+    for c, norm in enumerate(normalization):
+        x = image[c].to(torch.float32)
+        if norm.scheme == "ct":
+            out[c] = (x.clamp(norm.clip_low, norm.clip_high) - norm.mean) / norm.std
+        elif norm.scheme == "zscore":
+            nonzero = x[x != 0]
+            values = nonzero if nonzero.numel() > 1 else x.reshape(-1)
+            out[c] = (x - values.mean()) / values.std().clamp_min(1e-8)
+        elif norm.scheme == "none":
+            out[c] = x
+        else:
+            raise ValueError(f"unknown normalisation scheme {norm.scheme!r}")
+    return out
+
+
+class NormalizeIntensityByPland(MapTransform):
+    """Dictionary wrapper of :func:`normalize_intensity` (keeps MetaTensor metadata)."""
+
+    def __init__(self, keys: str, normalization: tuple[ChannelNormalization, ...]) -> None:
+        super().__init__(keys)
+        self.normalization = normalization
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            normalized = normalize_intensity(torch.as_tensor(image), self.normalization)
+            if hasattr(image, "copy_meta_from"):
+                # MetaTensor: write in place of a copy so affine and applied-operation history survive.
+                result = image.clone().to(torch.float32)
+                result.data.copy_(normalized)
+                normalized = result
+            d[key] = normalized
+        return d
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Foreground for cropping: any non-zero voxel (a module function so transforms pickle)."""
+    return x != 0
+
+
+def deterministic_transforms(plan: Plan) -> list:
+    """Load -> channel first -> RAS -> plan spacing -> crop zero borders -> normalise -> pad to patch."""
+    return [
+        LoadImaged(keys=KEYS, image_only=True),
+        EnsureChannelFirstd(keys=KEYS),
+        Orientationd(keys=KEYS, axcodes="RAS"),
+        Spacingd(keys=KEYS, pixdim=plan.spacing_mm, mode=("bilinear", "nearest"), dtype=np.float32),
+        CropForegroundd(keys=KEYS, source_key="image", select_fn=_nonzero, allow_smaller=True),
+        NormalizeIntensityByPland("image", plan.normalization),
+        SpatialPadd(keys=KEYS, spatial_size=plan.patch_size),
+        EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=True),
+    ]
+
+
+def random_transforms(plan: Plan, augment: AugmentConfig, samples_per_volume: int) -> list:
+    """Foreground-oversampled patch crop plus spatial and intensity augmentation."""
+    fg = min(max(augment.foreground_fraction, 0.0), 1.0)
+    chain: list = [
+        RandCropByPosNegLabeld(
+            keys=KEYS,
+            label_key="label",
+            spatial_size=plan.patch_size,
+            pos=fg,
+            neg=1.0 - fg,
+            num_samples=samples_per_volume,
+        )
+    ]
+    if not augment.enabled:
+        return chain
+    rot = math.radians(augment.rotation_deg)
+    if augment.affine_prob > 0:
+        chain.append(
+            RandAffined(
+                keys=KEYS,
+                prob=augment.affine_prob,
+                rotate_range=(rot, rot, rot),
+                scale_range=(augment.scale,) * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                spatial_size=plan.patch_size,
+            )
+        )
+    if augment.elastic_prob > 0:
+        chain.append(
+            Rand3DElasticd(
+                keys=KEYS,
+                sigma_range=(5, 8),
+                magnitude_range=(50, 150),
+                prob=augment.elastic_prob,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                spatial_size=plan.patch_size,
+            )
+        )
+    chain += [
+        RandGaussianNoised(keys="image", prob=augment.noise_prob, std=0.1),
+        RandGaussianSmoothd(
+            keys="image", prob=augment.smooth_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
+        ),
+        RandScaleIntensityd(keys="image", prob=augment.scale_intensity_prob, factors=0.25),
+        RandAdjustContrastd(keys="image", prob=augment.gamma_prob, gamma=(0.7, 1.5), retain_stats=True),
+    ]
+    if augment.mirror:
+        chain += [RandFlipd(keys=KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)]
+    return chain
+
+
+def train_transforms(
+    plan: Plan, augment: AugmentConfig = AugmentConfig(), samples_per_volume: int = 2
+) -> Compose:
+    """Full training chain; each call yields ``samples_per_volume`` patch dicts per case."""
+    return Compose(deterministic_transforms(plan) + random_transforms(plan, augment, samples_per_volume))
+
+
+def val_transforms(plan: Plan) -> Compose:
+    """Deterministic chain for validation volumes (whole preprocessed volumes, no patches)."""
+    return Compose(deterministic_transforms(plan))
+
+
+def case_to_item(image_paths: tuple, label_path: object) -> dict[str, Any]:
+    """The dict the chains expect: ``image`` one path or a channel list (stacked by LoadImaged)."""
+    paths = [str(p) for p in image_paths]
+    return {"image": paths[0] if len(paths) == 1 else paths, "label": str(label_path)}
+
+
+def preprocess_for_inference(volume: Volume, plan: Plan) -> tuple[torch.Tensor, np.ndarray]:
+    """Resample ``volume`` to the plan spacing on a RAS-aligned grid and normalise it as training does.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` image with its RAS affine; any orientation, any spacing.
+        plan: the training plan (spacing and per-channel normalisation).
+
+    Returns:
+        ``(tensor float32 (C, X', Y', Z'), affine_ras 4x4)`` -- the network-input grid; map results
+        back with ``resample_to_grid(..., dst_affine_ras=volume.affine_ras, dst_shape=volume.spatial_shape)``.
+    """
+    dst_affine, dst_shape = target_grid(volume.affine_ras, volume.spatial_shape, plan.spacing_mm)
+    data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+    resampled = resample_to_grid(data, volume.affine_ras, dst_affine, dst_shape, mode="linear")
+    return normalize_intensity(resampled, plan.normalization), np.asarray(dst_affine, dtype=np.float64)
