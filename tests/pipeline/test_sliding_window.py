@@ -255,3 +255,50 @@ def test_cuda_out_of_memory_falls_back_to_host_stitching(monkeypatch):
     assert out.device.type == "cpu"
     monkeypatch.setattr(sw.torch, "zeros", real_zeros)
     torch.testing.assert_close(out, _plain(image, _net()), atol=1e-4, rtol=1e-4)
+
+
+def _bn_net() -> nn.Module:
+    from monai.networks.nets import AttentionUnet
+
+    torch.manual_seed(3)
+    net = AttentionUnet(3, 1, 3, channels=(4, 8, 8), strides=(2, 2))
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_batchnorm_folding_matches_and_leaves_the_callers_network_alone():
+    net = _bn_net()
+    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    folded = levers.fold_batchnorm_into_convs(net)
+    assert n_bn > 0 and folded is not net
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in folded.modules()) < n_bn // 2
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == n_bn
+    x = _image((2, 1, 16, 16, 16))
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-4)
+    image = _image((1, 1, 20, 18, 17))
+    cfg = dict(roi_size=(16, 16, 16))
+    plain = sliding_window_logits(image, net, InferenceConfig(**cfg, fold_batchnorm=False))
+    fast = sliding_window_logits(image, net, InferenceConfig(**cfg, fold_batchnorm=True, channels_last=True))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    assert next(net.parameters()).is_contiguous()  # the caller's weights keep their layout
+
+
+def test_prepared_copy_is_refreshed_when_weights_change():
+    net = _bn_net()
+    first = levers.prepare_network(net, fold_batchnorm=True, channels_last=False)
+    assert levers.prepare_network(net, fold_batchnorm=True, channels_last=False) is first
+    image = _image((1, 1, 16, 16, 16))
+    before = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16)))
+    with torch.no_grad():  # an optimizer step between two validations
+        for p in net.parameters():
+            p.mul_(1.1)
+    assert levers.prepare_network(net, fold_batchnorm=True, channels_last=False) is not first
+    after = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16)))
+    unfolded = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16), fold_batchnorm=False))
+    torch.testing.assert_close(after, unfolded, atol=1e-5, rtol=1e-4)
+    assert (after - before).abs().max() > 1e-3
