@@ -92,8 +92,8 @@ def run_ingest(config: IngestConfig) -> int:
     for item in items:
         if item.status != "ok":
             rows.append(_row(item))
-        elif (images_dir / f"{item.case_id}.nii.gz").exists():
-            rows.append(_existing_row(item, images_dir))
+        elif (done := _existing_row(item, images_dir)) is not None:
+            rows.append(done)
         else:
             todo.append(item)
     resumed = sum(r["reason"].startswith("already ingested") for r in rows)
@@ -200,9 +200,16 @@ def _geometry_fields(shape, spacing, dtype, channels: int) -> dict:
     }
 
 
-def _existing_row(item: SourceItem, images_dir: Path) -> dict:
+def _existing_row(item: SourceItem, images_dir: Path) -> dict | None:
+    """The manifest row of an output a previous run completed, or None if it must be (re)made."""
     target = images_dir / f"{item.case_id}.nii.gz"
-    header = nib.load(str(target)).header  # header only: the data block is not read
+    if not target.exists():
+        return None
+    try:
+        header = nib.load(str(target)).header  # header only: the data block is not read
+    except Exception:  # not written by us (we only rename complete files): redo it
+        logger.warning("existing output %s is unreadable; ingesting it again", target)
+        return None
     shape = header.get_data_shape()
     row = _row(item, "ok", f"already ingested ({target.name} exists)")
     row.update(

@@ -198,20 +198,24 @@ def test_interrupted_run_resumes_and_out_inside_source_is_not_reingested(tmp_pat
     source = tmp_path / "src"
     affine = orientation_affine("sagittal", (0.8, 1.1, 2.5), shape=SHAPE)
     image, _ = make_phantom(SHAPE, seed=2, affine_ras=affine)
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         write_nifti(image, affine, source / f"{name}.nii.gz")
     out = source / "derived"
     assert main(["ingest", str(source), "--out", str(out), "--workers", "1"]) == 0
-    # Simulate a killed run: one output missing, a temporary file left behind.
+    # Simulate a killed run: one output missing, a temporary file left behind; and a foreign,
+    # unreadable file where an output should be.
     (out / "images" / "b.nii.gz").unlink()
     (out / "images" / ".b.nii.gz.x1y2.tmp.nii.gz").write_bytes(b"partial")
+    (out / "images" / "c.nii.gz").write_bytes(b"not a nifti")
     kept = (out / "images" / "a.nii.gz").stat().st_mtime_ns
     assert main(["ingest", str(source), "--out", str(out), "--workers", "1"]) == 0
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
     assert (out / "images" / "a.nii.gz").stat().st_mtime_ns == kept
-    rows = _manifest(out)
-    assert len(rows) == 2  # our own outputs under SOURCE/derived were not taken as inputs
-    assert {r["case_id"]: r["reason"] for r in rows}["b"] == ""
+    for name in ("b", "c"):
+        np.testing.assert_array_equal(nib.load(str(out / "images" / f"{name}.nii.gz")).get_fdata(), image)
+    rows = {r["case_id"]: r["reason"] for r in _manifest(out)}
+    assert len(rows) == 3  # our own outputs under SOURCE/derived were not taken as inputs
+    assert rows["a"].startswith("already ingested") and rows["b"] == rows["c"] == ""
 
 
 def test_missing_source_is_exit_2(tmp_path, capsys):
