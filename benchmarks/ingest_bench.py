@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _record(path: Path, lines: list[str]) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {sys.version.split()[0]}, load average at the end {load} (shared machine)"
+    )
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = "\n".join([f"### {stamp} -- {machine}", *lines]) + "\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
