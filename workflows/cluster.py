@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
@@ -40,21 +41,38 @@ def dask_client(
             yield client
         return
     n = max(1, int(workers or 1))
-    # ":0": the scheduler always runs an HTTP server (health/metrics); on a random free port a batch
-    # job on a shared host never collides with a user's dashboard on 8787.
-    with (
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-            resources=resources,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _local_cluster(n, resources) as cluster, Client(cluster) as client:
+        client.wait_for_workers(n)
         logger.info("started a local Dask cluster with %d worker process(es)", n)
         yield client
+
+
+def _local_cluster(n: int, resources: dict[str, float] | None) -> LocalCluster:
+    """A LocalCluster of ``n`` single-threaded worker processes.
+
+    With a ``GPU`` resource each worker gets its own ``CUDA_VISIBLE_DEVICES`` (set through its
+    nanny, so a restarted worker keeps it): otherwise every worker would run on GPU 0.
+    """
+    # ":0": the scheduler always runs an HTTP server (health/metrics); on a random free port a batch
+    # job on a shared host never collides with a user's dashboard on 8787.
+    options = dict(
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.WARNING,
+        resources=resources,
+    )
+    if not resources or "GPU" not in resources:
+        return LocalCluster(n_workers=n, **options)
+    cluster = LocalCluster(n_workers=0, **options)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] or [str(i) for i in range(n)]
+    for index in range(n):
+        spec = cluster.new_spec
+        env = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": devices[index % len(devices)]}
+        cluster.worker_spec[f"gpu-{index}"] = {"cls": spec["cls"], "options": {**spec["options"], "env": env}}
+    cluster.scale(n)  # starts exactly the specs above
+    return cluster
 
 
 def gpu_count() -> int:
