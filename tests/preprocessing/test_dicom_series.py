@@ -103,9 +103,13 @@ def test_left_right_landmark_in_world(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=["rle", "jpegls", "j2k"]
+    ("syntax", "codec"),
+    [(RLELossless, None), (JPEGLSLossless, "jpeg_ls"), (JPEG2000Lossless, "openjpeg")],
+    ids=["rle", "jpegls", "j2k"],
 )
-def test_compressed_transfer_syntaxes(tmp_path, syntax):
+def test_compressed_transfer_syntaxes(tmp_path, syntax, codec):
+    if codec:
+        pytest.importorskip(codec)  # optional decoders (pyjpegls, pylibjpeg-openjpeg)
     files, affine, expected, _ = _series(tmp_path, "coronal", transfer_syntax=syntax)
     assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
     volume = read_dicom_series(files, decode_threads=2)
