@@ -192,10 +192,11 @@ def _read_bundle_folder(folder: Path) -> ModelBundle:
 
 
 def _find_bundle_folder(root: Path) -> Path | None:
-    if (root / "bundle.json").is_file():
-        return root
-    found = sorted(root.glob(f"**/{_ARTIFACT}/bundle.json")) or sorted(root.glob("**/bundle.json"))
-    return found[0].parent if found else None
+    """The bundle itself, or the ``artifacts/bundle`` folder of a downloaded MLflow pyfunc model."""
+    for candidate in (root, root / "artifacts" / _ARTIFACT):
+        if (candidate / "bundle.json").is_file():
+            return candidate
+    return None
 
 
 def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -269,7 +270,8 @@ class MedsegPyfuncModel(PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.networks = self.bundle.build_networks(self.device)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # No type hints on predict: MLflow would turn them into an input schema and reject a dict of arrays.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         from pipeline.predictor import segment_volume
         from pipeline.sliding_window import InferenceConfig
         from preprocessing.image import Volume

@@ -249,6 +249,25 @@ def _new_loop(plan: Plan, config: TrainConfig) -> _Loop:
     return _Loop(model, optimizer, make_scheduler(optimizer, config), scaler, DeepSupervisionLoss())
 
 
+def _make_data(
+    data: FoldData, plan: Plan, config: TrainConfig, cache_dir: Path
+) -> tuple[Dataset, DataLoader, list[ValidationCase]]:
+    """Training dataset + loader (patches) and the preprocessed validation volumes."""
+    chain = train_transforms(plan, config.augment, config.samples_per_volume)
+    train_ds = make_dataset(list(data.train), chain, config.cache, cache_dir)
+    val_ds = make_dataset(list(data.val), val_transforms(plan), config.cache, cache_dir)
+    cases_per_batch = max(1, plan.batch_size // config.samples_per_volume)
+    loader = DataLoader(
+        train_ds,
+        batch_size=cases_per_batch,
+        shuffle=True,
+        num_workers=config.num_workers,
+        collate_fn=list_data_collate,
+        drop_last=len(data.train) > cases_per_batch,
+    )
+    return train_ds, loader, _validation_cases(val_ds, data.val)
+
+
 def train_fold(
     data: FoldData,
     plan: Plan,
@@ -275,27 +294,12 @@ def train_fold(
     torch.manual_seed(seed)
     np.random.seed(seed)
     loop = _new_loop(plan, config)
+    train_ds, loader, val_cases = _make_data(data, plan, config, work.parent / "cache")
+    # Restore last: MONAI's DataLoader re-seeds torch's global generator when it is created.
     if resume and (work / LAST).is_file():
         _restore(loop, work / LAST, config)
     elif resume:
         logger.info("fold %d: no checkpoint in %s, starting at epoch 1", data.fold, work)
-    train_ds = make_dataset(
-        list(data.train),
-        train_transforms(plan, config.augment, config.samples_per_volume),
-        config.cache,
-        work.parent / "cache",
-    )
-    val_ds = make_dataset(list(data.val), val_transforms(plan), config.cache, work.parent / "cache")
-    val_cases = _validation_cases(val_ds, data.val)
-    cases_per_batch = max(1, plan.batch_size // config.samples_per_volume)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cases_per_batch,
-        shuffle=True,
-        num_workers=config.num_workers,
-        collate_fn=list_data_collate,
-        drop_last=len(data.train) > cases_per_batch,
-    )
     inference = InferenceConfig(
         roi_size=tuple(plan.patch_size),
         overlap=config.val_overlap,

@@ -138,7 +138,7 @@ def deterministic_transforms(plan: Plan) -> list:
     return [
         LoadImaged(keys=KEYS, image_only=True),
         EnsureChannelFirstd(keys=KEYS),
-        Orientationd(keys=KEYS, axcodes="RAS"),
+        Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=KEYS, pixdim=plan.spacing_mm, mode=("bilinear", "nearest"), dtype=np.float32),
         CropForegroundd(keys=KEYS, source_key="image", select_fn=_nonzero, allow_smaller=True),
         NormalizeIntensityByPland("image", plan.normalization),

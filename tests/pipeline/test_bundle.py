@@ -1,0 +1,107 @@
+"""Model bundle: folder round trip, registry champion logic, models:/ loading, pyfunc predict."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import (
+    ModelBundle,
+    ModelBundleError,
+    load_bundle,
+    register_bundle,
+    resolve_bundle_dir,
+    save_bundle,
+)
+from pipeline.predictor import segment_volume
+from pipeline.sliding_window import InferenceConfig
+from pipeline.tracking import Tracker, tracking_uri
+from preprocessing.image import Volume
+from preprocessing.plan import ChannelNormalization, Plan
+
+OPTIONS = {"channels": [4, 8, 8], "strides": [1, 2, 2]}
+
+
+def _bundle(seed: int, folds: int = 2) -> ModelBundle:
+    plan = Plan(
+        spacing_mm=(2.0, 2.0, 2.0),
+        patch_size=(16, 16, 16),
+        batch_size=2,
+        normalization=(ChannelNormalization("ct", -100.0, 200.0, 40.0, 50.0),),
+        modalities={0: "CT"},
+        labels={0: "background", 1: "liver", 2: "kidney"},
+        network="unet",
+        network_options=OPTIONS,
+    )
+    empty = ModelBundle(plan, ())
+    torch.manual_seed(seed)
+    states = tuple(net.state_dict() for net in [_build(empty) for _ in range(folds)])
+    return ModelBundle(plan, states, {"largest_component": False}, code_version="abc123", cv_mean_dice=0.5)
+
+
+def _build(bundle: ModelBundle) -> torch.nn.Module:
+    from networks import build_network
+
+    return build_network("unet", 1, 3, **OPTIONS)
+
+
+def test_folder_round_trip(tmp_path):
+    bundle = _bundle(0)
+    folder = save_bundle(bundle, tmp_path / "b")
+    loaded = load_bundle(folder)
+    assert loaded.plan == bundle.plan and loaded.label_names == {1: "liver", 2: "kidney"}
+    assert loaded.postprocessing == {"largest_component": False} and loaded.code_version == "abc123"
+    assert loaded.in_channels == 1 and loaded.modality == "CT" and loaded.patch_size == (16, 16, 16)
+    nets = loaded.build_networks("cpu")
+    assert len(nets) == 2 and not nets[0].training
+    for key, value in bundle.fold_states[1].items():
+        assert torch.equal(nets[1].state_dict()[key], value)
+    with pytest.raises(ModelBundleError, match="no model bundle"):
+        load_bundle(tmp_path)
+
+
+def test_champion_moves_only_on_improvement_and_models_uri_loads(tmp_path):
+    parent = Tracker("exp-bundle").start_run("cv")
+    first = register_bundle(_bundle(1), parent, "liver-seg", 0.50)
+    second = register_bundle(_bundle(2), parent, "liver-seg", 0.40)
+    assert first.is_champion and first.version == "1"
+    assert not second.is_champion and second.version == "2" and second.champion_version == "1"
+    client = mlflow.MlflowClient(tracking_uri())
+    assert str(client.get_model_version_by_alias("liver-seg", "champion").version) == "1"
+    assert float(client.get_model_version("liver-seg", "2").tags["cv_mean_dice"]) == pytest.approx(0.40)
+    third = register_bundle(_bundle(3), parent, "liver-seg", 0.70)
+    assert (
+        third.is_champion and str(client.get_model_version_by_alias("liver-seg", "champion").version) == "3"
+    )
+
+    champion = load_bundle("models:/liver-seg@champion")
+    assert champion.name == "liver-seg" and champion.version == "3" and champion.version_tag == "liver-seg/v3"
+    assert math.isclose(champion.cv_mean_dice, 0.70)
+    expected = _bundle(3).fold_states[0]
+    assert all(torch.equal(champion.fold_states[0][k], v) for k, v in expected.items())
+    folder = resolve_bundle_dir("models:/liver-seg/2", cache_dir=tmp_path / "cache")
+    assert load_bundle(folder).version == "2"
+    with pytest.raises(ModelBundleError, match="could not download"):
+        load_bundle("models:/no-such-model@champion")
+
+
+def test_pyfunc_predicts_label_map(tmp_path):
+    parent = Tracker("exp-pyfunc").start_run("cv")
+    bundle = _bundle(4)
+    register_bundle(bundle, parent, "pyfunc-seg", 0.6)
+    model = mlflow.pyfunc.load_model("models:/pyfunc-seg@champion")
+    rng = np.random.default_rng(0)
+    image = rng.normal(40.0, 60.0, (20, 18, 12)).astype(np.float32)
+    labels = model.predict({"image": image, "spacing_mm": [1.5, 1.5, 3.0]})
+    assert labels.shape == (20, 18, 12) and labels.dtype == np.uint8
+    volume = Volume(image[None], np.diag([1.5, 1.5, 3.0, 1.0]))
+    direct, _ = segment_volume(
+        volume, bundle.build_networks("cpu"), bundle, InferenceConfig(roi_size=(16, 16, 16), device="cpu")
+    )
+    assert np.array_equal(labels, direct)
+    with pytest.raises(ValueError, match="spacing_mm"):
+        model.predict({"image": image})
