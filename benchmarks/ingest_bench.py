@@ -41,12 +41,20 @@ from workflows.ingest import IngestConfig, run_ingest
 
 
 def _write_series(folder: Path, shape: tuple[int, int, int], seed: int, series_number: int = 1) -> list[Path]:
-    """A CT-like series of random HU values (a phantom of 512^2 x 300 would cost more than the read)."""
+    """A CT-like series: air around an elliptic soft-tissue body with a denser core, plus noise.
+
+    Cheaper than the phantom at 512^2 x 300, and compresses like a real CT (pure noise would make
+    the gzip step look several times slower than it is on scans).
+    """
     rng = np.random.default_rng(seed)
-    image = rng.integers(-1000, 1500, size=shape, dtype=np.int16).astype(np.float32)
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
+    core = (x / 0.3) ** 2 + (y / 0.25) ** 2 < 1
+    plane = np.where(body, 40.0, -1000.0) + np.where(core, 300.0, 0.0)
+    image = plane[:, :, None] + rng.normal(0, 12, size=shape).astype(np.float32) * body[:, :, None]
     affine = orientation_affine("axial", (0.7, 0.7, 1.0), shape=shape)
     spec = DicomSeriesSpec(seed=seed, series_number=series_number, shuffle_names=True)
-    return write_dicom_series(image, affine, folder, spec)
+    return write_dicom_series(image.astype(np.float32), affine, folder, spec)
 
 
 def _best(fn, repeats: int) -> tuple[float, float]:
