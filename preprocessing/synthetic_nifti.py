@@ -99,16 +99,23 @@ def _render_case(
     channels: list[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case: image (X, Y, Z) or (X, Y, Z, C) float32, label uint8, affine (origin varies per case)."""
-    rng = np.random.default_rng([noise_seed, 5])
-    origin_shift = rng.uniform(-10.0, 10.0, 3)
+    # The body box is as tall as it is wide (the in-plane half field of view), like the hospital
+    # folder's 72 mm box, so organ shapes match between training data and hospital series. The
+    # grid is shifted a little against the body: patients are never perfectly centred.
+    half = float(np.mean((np.asarray(shape[:2]) - 1) * np.asarray(spacing_mm[:2]) / 2.0))
     affine = orientation_affine("axial", spacing_mm, shape=shape)
-    affine[:3, 3] += origin_shift
-    # Anatomy is defined relative to the grid's own box, so a shifted origin moves the patient with it.
+    affine[:3, 3] += np.random.default_rng([noise_seed, 5]).uniform(-0.15, 0.15, 3) * half
     imgs, label = [], np.zeros(shape, np.uint8)
     for c, name in enumerate(channels):
         modality = "CT" if name.startswith("CT") else "MR"
         img, label = make_phantom(
-            shape, spacing_mm, modality, anatomy_seed, affine_ras=affine, noise_seed=noise_seed * 16 + c
+            shape,
+            spacing_mm,
+            modality,
+            anatomy_seed,
+            affine_ras=affine,
+            body_half_extent_mm=(half, half, half),
+            noise_seed=noise_seed * 16 + c,
         )
         imgs.append(img)
     image = imgs[0] if len(imgs) == 1 else np.stack(imgs, axis=-1)

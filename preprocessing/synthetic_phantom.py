@@ -21,9 +21,9 @@ LABEL_NAMES: dict[int, str] = {1: "liver", 2: "kidney", 3: "lesion"}
 
 # Tissue values. CT in Hounsfield units; MR in arbitrary scanner units (T2-ish: lesion bright).
 _CT_VALUES = {"air": -1000.0, "fat": -90.0, "body": 30.0, "liver": 90.0, "kidney": 180.0}
-_CT_VALUES |= {"lesion": -20.0, "bone": 500.0}
+_CT_VALUES |= {"lesion": -20.0}
 _MR_VALUES = {"air": 0.0, "fat": 700.0, "body": 300.0, "liver": 180.0, "kidney": 550.0}
-_MR_VALUES |= {"lesion": 900.0, "bone": 60.0}
+_MR_VALUES |= {"lesion": 900.0}
 _NOISE_SIGMA = {"CT": 12.0, "MR": 18.0}
 _TEXTURE_AMPLITUDE = {"CT": 10.0, "MR": 25.0}
 
@@ -136,10 +136,9 @@ def _anatomy(seed: int, half_extent_mm: np.ndarray, centre_ras: np.ndarray) -> d
     # Lesion inside the liver, off its centre toward anterior-superior.
     les_c = liver_c + h * (np.array([0.08, 0.12, 0.14]) + jitter(0.03))
     lesion = _Ellipsoid(les_c, h * np.full(3, 0.17) * (1 + jitter(0.1)), np.eye(3))
-    spine = _Ellipsoid(
-        centre_ras + h * np.array([0.04, -0.50, 0.0]), h * np.array([0.13, 0.12, 50.0]), np.eye(3)
-    )
-    return {"body": body, "liver": liver, "kidney": kidney, "lesion": lesion, "bone": spine}
+    # No bone on purpose: intensity normalisation that clips at foreground percentiles (nnU-Net's
+    # CT scheme) maps bone onto the bright kidney, and a tiny test network then confuses the two.
+    return {"body": body, "liver": liver, "kidney": kidney, "lesion": lesion}
 
 
 def _grid_points(affine_ras: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -176,7 +175,7 @@ def make_phantom(
 
     Structures (see :data:`LABEL_NAMES`): liver (1, patient's right, anterior), kidney (2, one only,
     patient's left, posterior, inferior), lesion (3, inside the liver), plus unlabelled body,
-    subcutaneous fat ring and a spine-like bone rod. Smooth texture, partial-volume edges, Gaussian
+    subcutaneous fat ring (no bone, see ``_anatomy``). Smooth texture, partial-volume edges, Gaussian
     noise (CT) or Rician-like noise and a multiplicative bias field (MR). Positions and sizes vary a
     little with ``seed``; the same seed always gives identical arrays.
 
@@ -237,7 +236,7 @@ def _intensities(
     inner = _Ellipsoid(parts["body"].centre, parts["body"].semi_axes * np.array([0.88, 0.85, 1.0]), np.eye(3))
     fat_w = body_w * (1.0 - inner.soft_inside(points, edge_mm))
     image = values["air"] * (1 - body_w) + values["fat"] * fat_w + values["body"] * (body_w - fat_w)
-    for name in ("bone", "kidney", "liver", "lesion"):
+    for name in ("kidney", "liver", "lesion"):
         w = parts[name].soft_inside(points, edge_mm) * body_w
         tissue = np.full(shape, values[name])
         if name in ("liver", "kidney"):

@@ -119,7 +119,7 @@ def test_bad_modality_rejected() -> None:
 
 @pytest.mark.slow
 def test_tiny_unet_learns_every_structure(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Learnability: 200 full-volume steps (~100 s on one CPU thread) reach Dice > 0.8 on test cases."""
+    """Learnability: 200 full-volume steps (~100 s on one CPU thread) reach Dice > 0.85 (lesion > 0.7) on test cases."""
     import json
 
     import nibabel as nib
@@ -156,4 +156,7 @@ def test_tiny_unet_learns_every_structure(tmp_path) -> None:  # type: ignore[no-
         dice = (
             2 * ((pred == value) & (truth == value)).sum() / ((pred == value).sum() + (truth == value).sum())
         )
-        assert float(dice) > 0.8, (LABEL_NAMES[value], float(dice))
+        assert float(dice) > (0.7 if LABEL_NAMES[value] == "lesion" else 0.85), (
+            LABEL_NAMES[value],
+            float(dice),
+        )
