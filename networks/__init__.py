@@ -9,7 +9,8 @@ Usage::
 
 Input and output layout: ``(B, C, X, Y, Z)`` float tensors; logits come out unnormalised (no softmax).
 
-Deep-supervision protocol (``deep_supervision=True``; unet, attention_unet, dual_attention_unet):
+Deep-supervision protocol (``deep_supervision=True``; unet, attention_unet, dual_attention_unet,
+channel_attention_aspp_unet):
 
 * training mode (``net.train()``): ``forward`` returns a ``list`` of logits. Element 0 is the
   full-resolution output ``(B, K, X, Y, Z)``; element ``i`` comes from the decoder level ``i`` steps below

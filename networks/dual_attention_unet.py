@@ -7,6 +7,7 @@ https://arxiv.org/abs/2101.07715) and the DAUNet family. Written by us (MONAI ha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -49,13 +50,20 @@ class ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, X, Y, Z)`` -> attended features, same shape (without the residual)."""
         # Energies are sums over all voxels and overflow/saturate in half precision, so compute in float32.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             flat = x.float().flatten(2)  # (B, C, N)
             energy = torch.bmm(flat, flat.transpose(1, 2))
             # DANet's trick: subtract from the row max so that dissimilar channels get the larger weight.
             energy = energy.amax(dim=-1, keepdim=True) - energy
             out = torch.bmm(torch.softmax(energy, dim=-1), flat)
         return out.to(x.dtype).reshape(x.shape)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    # The meta device (used for FLOP counting without memory) has no autocast state to switch off.
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class DualAttention(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from networks.attention_unet import build_attention_unet
+from networks.channel_attention_aspp_unet import build_channel_attention_aspp_unet
 from networks.dual_attention_unet import build_dual_attention_unet
 from networks.swin_unetr import SWIN_DIVISOR, build_swin_unetr
 from networks.unet import build_unet
@@ -47,6 +48,11 @@ _REGISTRY: dict[str, NetworkSpec] = {
             "dual_attention_unet",
             "residual U-Net with DANet position+channel attention at the deepest levels (DAUNet)",
             build_dual_attention_unet,
+        ),
+        NetworkSpec(
+            "channel_attention_aspp_unet",
+            "residual U-Net with squeeze-and-excitation channel attention and an ASPP bottleneck",
+            build_channel_attention_aspp_unet,
         ),
         NetworkSpec(
             "swin_unetr",

@@ -55,6 +55,12 @@ CASES: dict[str, Case] = {
         deep_supervision=True,
         n_params=90_853,
     ),
+    "channel_attention_aspp_unet": Case(
+        options={"channels": (8, 16, 32), "multi_scale_input": True},
+        patches=((32, 32, 32), (32, 16, 24)),
+        deep_supervision=True,
+        n_params=113_071,
+    ),
     "swin_unetr": Case(
         options={"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "window_size": 4},
         patches=((64, 32, 32), (32, 32, 64)),

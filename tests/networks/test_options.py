@@ -75,6 +75,17 @@ def test_unet_rejects_patch_size_together_with_strides():
         build_network("unet", 1, 2, patch_size=(32, 32, 32), strides=(1, 2, 2), **SMALL)
 
 
+@pytest.mark.parametrize(
+    "name", ["unet", "attention_unet", "dual_attention_unet", "channel_attention_aspp_unet"]
+)
+def test_deep_supervision_levels_full_resolution_first_then_coarser(name):
+    strides = (1, (2, 2, 1), 2, 2)
+    net = build_network(name, 1, 2, channels=(4, 8, 8, 8), strides=strides, deep_supervision=True).train()
+    outs = net(torch.randn(1, 1, 32, 32, 16))
+    # Four levels: full resolution plus the two decoder levels above the bottleneck, not upsampled.
+    assert [tuple(o.shape[2:]) for o in outs] == [(32, 32, 16), (16, 16, 16), (8, 8, 8)]
+
+
 # --- attention gates --------------------------------------------------------------------------------
 
 
@@ -116,7 +127,7 @@ def test_attention_gates_actually_gate_the_skips():
 # --- parameter count per option -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["attention_unet", "dual_attention_unet"])
+@pytest.mark.parametrize("name", ["attention_unet", "dual_attention_unet", "channel_attention_aspp_unet"])
 def test_multi_scale_input_adds_input_channels_to_each_encoder_block(name):
     in_ch = 2
     off = n_params(build_network(name, in_ch, 3, **SMALL))
@@ -125,7 +136,9 @@ def test_multi_scale_input_adds_input_channels_to_each_encoder_block(name):
     assert on - off == sum(in_ch * c * (27 + 1) for c in (16, 32))
 
 
-@pytest.mark.parametrize("name", ["unet", "attention_unet", "dual_attention_unet"])
+@pytest.mark.parametrize(
+    "name", ["unet", "attention_unet", "dual_attention_unet", "channel_attention_aspp_unet"]
+)
 def test_deep_supervision_adds_one_head_per_intermediate_decoder_level(name):
     off = n_params(build_network(name, 1, 3, **SMALL))
     on = n_params(build_network(name, 1, 3, deep_supervision=True, **SMALL))
@@ -154,6 +167,24 @@ def test_dual_attention_levels_parameter_count():
     two = n_params(build_network("dual_attention_unet", 1, 3, attention_levels=2, **SMALL))
     assert one - plain == dual(32)
     assert two - one == dual(16)
+
+
+def test_channel_attention_and_aspp_parameter_count():
+    plain = n_params(ResidualUNet(ResidualUNetConfig(1, 3, channels=(8, 16, 32))))
+    net = build_network("channel_attention_aspp_unet", 1, 3, **SMALL)
+
+    def se(c: int) -> int:
+        r = c // 2
+        return (c * r + r) + (r * c + c)  # squeeze and excite fully connected layers, with biases
+
+    b = 32 // 4  # four ASPP branches share the bottleneck width
+    aspp = (32 * b + b) + 3 * (32 * b * 27 + b) + (4 * b * 32) + 2 * 32  # 1x1, 3 dilated 3x3, fusion + norm
+    assert n_params(net) - plain == se(8) + se(16) + se(32) + aspp
+
+
+def test_aspp_dilations_must_split_the_bottleneck_width():
+    with pytest.raises(ValueError, match="divisible by the number of ASPP branches"):
+        build_network("channel_attention_aspp_unet", 1, 2, channels=(8, 16, 30))
 
 
 # --- dual attention modules ---------------------------------------------------------------------------
