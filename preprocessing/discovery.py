@@ -88,6 +88,7 @@ class SourceItem:
         modality: DICOM Modality or "".
         status: "ok" (to be read), "skipped" (deliberately not ingested) or "error".
         reason: why skipped/error (empty when ok, or a note such as split-off localizers).
+        meta: facts for the reader, e.g. ``{"multiframe": True}`` for an enhanced object.
     """
 
     kind: str

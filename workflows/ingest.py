@@ -117,7 +117,9 @@ def _run_on_cluster(todo: list[SourceItem], images_dir: Path, config: IngestConf
     rows = []
     with dask_client(config.workers, config.scheduler) as client:
         futures = {
-            client.submit(ingest_item, item, str(images_dir), key=f"ingest-{item.case_id}", pure=False): item
+            client.submit(
+                ingest_item, item, str(images_dir), pure=False
+            ): item  # unique keys: safe on a shared scheduler
             for item in todo
         }
         failures = 0
