@@ -138,7 +138,8 @@ def sliding_window_logits(image: torch.Tensor, network: nn.Module, config: Infer
     """
     if image.ndim != 5:
         raise ValueError(f"sliding_window_logits expects (B, C, X, Y, Z); got shape {tuple(image.shape)}")
-    with _eval_mode([network]), torch.inference_mode():
+    # no_grad, not inference_mode: callers may update the result in place outside the context.
+    with _eval_mode([network]), torch.no_grad():
         sweep = _Sweep(image, [network], [()], config)
         out = sweep.run(n_passes=1)
         return out.finish_logits(0)
@@ -170,7 +171,7 @@ def predict_probabilities(
         raise ValueError("predict_probabilities needs at least one network")
     mirrors = list(MIRROR_AXES) if config.tta else [()]
     n_passes = len(networks) * len(mirrors)
-    with _eval_mode(networks), torch.inference_mode():
+    with _eval_mode(networks), torch.no_grad():
         if n_passes == 1 or config.batch_passes:
             try:
                 sweep = _Sweep(image[None], list(networks), mirrors, config, side_by_side=n_passes > 1)

@@ -302,3 +302,12 @@ def test_prepared_copy_is_refreshed_when_weights_change():
     unfolded = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16), fold_batchnorm=False))
     torch.testing.assert_close(after, unfolded, atol=1e-5, rtol=1e-4)
     assert (after - before).abs().max() > 1e-3
+
+
+def test_results_are_ordinary_tensors_the_caller_can_update_in_place():
+    net, image = _net(), _image((1, 1, 20, 14, 12))
+    probs = predict_probabilities(image[0], [net], InferenceConfig(roi_size=ROI))
+    probs.mul_(2.0)  # would raise on an inference-mode tensor
+    logits = sliding_window_logits(image, net, InferenceConfig(roi_size=ROI))
+    logits.add_(1.0)
+    assert not probs.requires_grad and not logits.requires_grad
