@@ -105,8 +105,13 @@ def run_case(item: SourceItem, config: CaseConfig) -> dict:
         label in mL (``vol_<label>_ml``), and with reference labels ``dice_/hd95_/nsd_<label>``.
     """
     start = time.perf_counter()
-    row: dict = {"case_id": item.case_id, "source": str(item.paths[0]) if item.paths else "",
-                 "kind": item.kind, "status": "ok", "reason": ""}
+    row: dict = {
+        "case_id": item.case_id,
+        "source": str(item.paths[0]) if item.paths else "",
+        "kind": item.kind,
+        "status": "ok",
+        "reason": "",
+    }
     staging = Path(config.out_dir) / STAGING / f"{item.case_id}.{os.getpid()}"
     try:
         if config.torch_threads:
@@ -157,10 +162,22 @@ def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, stagi
             np.moveaxis(probabilities, 0, -1).astype(np.float16), affine, staging / "probabilities.nii.gz"
         )
     if item.kind == "dicom":
-        write_dicom_seg(labels, item.paths, bundle.label_names, staging / "seg.dcm",
-                        algorithm_name=bundle.name or "medseg", algorithm_version=bundle.version_tag)
-    write_qc_picture(volume.array[0], labels, affine, bundle.label_names, staging / "qc.png",
-                     title=f"{item.case_id} ({bundle.name or 'model'})")
+        write_dicom_seg(
+            labels,
+            item.paths,
+            bundle.label_names,
+            staging / "seg.dcm",
+            algorithm_name=bundle.name or "medseg",
+            algorithm_version=bundle.version_tag,
+        )
+    write_qc_picture(
+        volume.array[0],
+        labels,
+        affine,
+        bundle.label_names,
+        staging / "qc.png",
+        title=f"{item.case_id} ({bundle.name or 'model'})",
+    )
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     out: dict = {}
     for value, name in bundle.label_names.items():
@@ -178,8 +195,13 @@ def _reference_metrics(case_id, labels, volume, bundle, config: CaseConfig) -> d
     ref = read_volume(ref_path)
     if ref.spatial_shape != labels.shape or not np.allclose(ref.affine_ras, volume.affine_ras, atol=1e-3):
         raise ValueError(f"reference label {ref_path.name} is not on the image's grid")
-    rows = segmentation_metrics(labels, np.rint(ref.array[0]).astype(np.int16), bundle.label_names,
-                                volume.spacing_mm, nsd_tolerance_mm=config.nsd_tolerance_mm)
+    rows = segmentation_metrics(
+        labels,
+        np.rint(ref.array[0]).astype(np.int16),
+        bundle.label_names,
+        volume.spacing_mm,
+        nsd_tolerance_mm=config.nsd_tolerance_mm,
+    )
     out = {}
     for r in rows:
         for metric in ("dice", "hd95", "nsd"):

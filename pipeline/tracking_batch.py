@@ -77,7 +77,10 @@ def log_batch_run(info: BatchRunInfo, out_dir: Path, qc_sample: int | None = Non
 def _warn_not_logged(uri: str, problem: str, out_dir: Path) -> None:
     logger.warning(
         "MLflow tracking at %s could not be used (%s). The masks, cases.csv and summary.json are in %s; "
-        "NOT logged: the batch run, its metrics, the cases table and the QC pictures.", uri, problem, out_dir,
+        "NOT logged: the batch run, its metrics, the cases table and the QC pictures.",
+        uri,
+        problem,
+        out_dir,
     )
 
 
@@ -89,10 +92,21 @@ def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None
     run_name = f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
     with mlflow.start_run(run_name=run_name) as run, tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        mlflow.set_tags({"medseg.job": "predict", "medseg.model_name": info.model_name,
-                         "medseg.model_version": info.model_version})
-        mlflow.log_params({"model_uri": _safe_model_uri(info.model_uri), "model_name": info.model_name,
-                           "model_version": info.model_version, **info.params})
+        mlflow.set_tags(
+            {
+                "medseg.job": "predict",
+                "medseg.model_name": info.model_name,
+                "medseg.model_version": info.model_version,
+            }
+        )
+        mlflow.log_params(
+            {
+                "model_uri": _safe_model_uri(info.model_uri),
+                "model_name": info.model_name,
+                "model_version": info.model_version,
+                **info.params,
+            }
+        )
         mlflow.log_metrics(_summary_metrics(summary))
         safe = loggable_cases(table)
         safe.to_csv(tmp / "cases.csv", index=False)

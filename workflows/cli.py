@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Dask's scheduler and nanny chatter would bury the progress bars; keep its warnings.
+    for noisy in ("distributed", "tornado", "bokeh", "alembic", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # Imported lazily so `medseg --help` is instant and a job's heavy imports load only when used.
     if args.command == "ingest":
         from workflows.ingest import ingest_command as command

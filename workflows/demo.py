@@ -13,6 +13,7 @@ Defaults are embedded: a local sqlite MLflow store inside the demo folder (unles
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -20,13 +21,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from preprocessing.synthetic import write_hospital_folder, write_msd_dataset
+from preprocessing.synthetic import LABEL_NAMES, write_hospital_folder, write_msd_dataset
 
 DEMO_MODEL = "medseg-demo"
 DEMO_EPOCHS = 30
 # A small attention U-Net that learns the phantom on 2 CPU cores in a few minutes.
 DEMO_TRAIN_CONFIG = {
-    "network_options": {"channels": [8, 16, 32], "strides": [2, 2], "deep_supervision": True},
+    "network_options": {"channels": [8, 16, 32], "strides": [1, 2, 2], "deep_supervision": True},
     "optimizer": "adamw",
     "learning_rate": 3e-3,
     "val_every": 10,
@@ -49,6 +50,13 @@ def demo_command(args: argparse.Namespace) -> int:
     hospital, truth, msd = out / "hospital", out / "hospital_truth", out / "msd_dataset"
     if not (hospital.is_dir() and truth.is_dir()):
         write_hospital_folder(hospital, seed=7, truth_dir=truth)
+        # Label names for `medseg evaluate`, which reads an MSD-style dataset.json beside GT.
+        (truth / "dataset.json").write_text(
+            json.dumps(
+                {"labels": {"background": 0, **{name: value for value, name in LABEL_NAMES.items()}}},
+                indent=2,
+            )
+        )
     if not (msd / "dataset.json").is_file():
         write_msd_dataset(msd, n_train=8, n_test=2, seed=11)
     print(f"  hospital folder: {hospital}\n  training set:    {msd}")
@@ -60,16 +68,51 @@ def demo_command(args: argparse.Namespace) -> int:
     _step(3, f"medseg train (2 folds x {epochs} epochs, register {DEMO_MODEL})")
     config_path = out / "demo_train.yaml"
     config_path.write_text(yaml.safe_dump(DEMO_TRAIN_CONFIG))
-    code = medseg(["train", "--data", str(msd), "--network", "attention_unet", "--folds", "2",
-                   "--epochs", str(epochs), "--register", DEMO_MODEL, "--experiment", "medseg-demo-train",
-                   "--config", str(config_path), "--out", str(out / "training"), "--device", "cpu"])
+    code = medseg(
+        [
+            "train",
+            "--data",
+            str(msd),
+            "--network",
+            "attention_unet",
+            "--folds",
+            "2",
+            "--epochs",
+            str(epochs),
+            "--register",
+            DEMO_MODEL,
+            "--experiment",
+            "medseg-demo-train",
+            "--config",
+            str(config_path),
+            "--out",
+            str(out / "training"),
+            "--device",
+            "cpu",
+        ]
+    )
     _check(code, "train")
 
     _step(4, "medseg predict (batch on the local Dask cluster)")
     predictions = out / "predictions"
-    code = medseg(["predict", str(hospital), "--model", f"models:/{DEMO_MODEL}@champion", "--out",
-                   str(predictions), "--labels", str(truth), "--workers", workers,
-                   "--experiment", "medseg-demo-predict", "--device", "cpu"])
+    code = medseg(
+        [
+            "predict",
+            str(hospital),
+            "--model",
+            f"models:/{DEMO_MODEL}@champion",
+            "--out",
+            str(predictions),
+            "--labels",
+            str(truth),
+            "--workers",
+            workers,
+            "--experiment",
+            "medseg-demo-predict",
+            "--device",
+            "cpu",
+        ]
+    )
     _check(code, "predict", allowed=(0, 3))
 
     _step(5, "medseg evaluate")
@@ -90,10 +133,16 @@ def _check(code: int, step: str, allowed: tuple[int, ...] = (0,)) -> None:
 
 
 def _print_summary(out: Path, predictions: Path, seconds: float) -> None:
-    cases = pd.read_csv(predictions / "cases.csv", keep_default_na=False)
+    cases = pd.read_csv(predictions / "cases.csv")
     print("\n=== demo summary ===")
+    segmented = cases[cases["status"] != "skipped"]
     cols = ["case_id", "status"] + [c for c in cases.columns if c.startswith("dice_")] + ["seconds"]
-    print(cases[[c for c in cols if c in cases.columns]].to_string(index=False))
+    print(segmented[[c for c in cols if c in cases.columns]].round(3).to_string(index=False))
+    skipped = cases[cases["status"] == "skipped"]
+    if len(skipped):
+        print(f"\nskipped on purpose ({len(skipped)}):")
+        for _, row in skipped.iterrows():
+            print(f"  {Path(str(row['source'])).name or row['case_id']}: {row['reason']}")
     metrics_csv = out / "metrics.csv"
     if metrics_csv.is_file():
         metrics = pd.read_csv(metrics_csv)

@@ -24,8 +24,8 @@ from pipeline.case_runner import CaseConfig, case_is_done, clean_staging, read_c
 from pipeline.metrics import summarize_metrics
 from pipeline.sliding_window import InferenceConfig
 from pipeline.tracking_batch import BatchRunInfo, log_batch_run
-from preprocessing.discovery import SourceItem, discover_sources
 from preprocessing.atomic import write_text_atomic
+from preprocessing.discovery import SourceItem, discover_sources
 from workflows.cluster import dask_client, gpu_count
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,18 @@ def _config_from_args(args: argparse.Namespace) -> PredictConfig:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
     return PredictConfig(
-        source=source, model_uri=args.model, out_dir=Path(args.out), labels_dir=labels, tta=args.tta,
-        device=device, overlap=args.overlap, save_probabilities=args.save_probabilities,
-        experiment=args.experiment, qc_sample=args.qc_sample, workers=args.workers, scheduler=args.scheduler,
+        source=source,
+        model_uri=args.model,
+        out_dir=Path(args.out),
+        labels_dir=labels,
+        tta=args.tta,
+        device=device,
+        overlap=args.overlap,
+        save_probabilities=args.save_probabilities,
+        experiment=args.experiment,
+        qc_sample=args.qc_sample,
+        workers=args.workers,
+        scheduler=args.scheduler,
     )
 
 
@@ -92,9 +101,15 @@ def run_predict(config: PredictConfig) -> int:
     failed = sum(r["status"] == "error" for r in rows)
     _write_tables(rows, bundle, out)
     tracked = log_batch_run(
-        BatchRunInfo(experiment=config.experiment, model_uri=config.model_uri, model_name=bundle.name,
-                     model_version=bundle.version_tag, params=_loggable_params(config)),
-        out_dir=out, qc_sample=config.qc_sample,
+        BatchRunInfo(
+            experiment=config.experiment,
+            model_uri=config.model_uri,
+            model_name=bundle.name,
+            model_version=bundle.version_tag,
+            params=_loggable_params(config),
+        ),
+        out_dir=out,
+        qc_sample=config.qc_sample,
     )
     _print_summary(rows, out)
     if failed:
@@ -126,17 +141,29 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         workers = max(1, gpu_count())  # one inference worker per GPU
         resources = {"GPU": 1}
     case_config = CaseConfig(
-        bundle_dir=str(bundle_dir), out_dir=str(config.out_dir),
-        inference=InferenceConfig(roi_size=tuple(bundle.patch_size), overlap=config.overlap,
-                                  device=config.device, tta=config.tta),
+        bundle_dir=str(bundle_dir),
+        out_dir=str(config.out_dir),
+        inference=InferenceConfig(
+            roi_size=tuple(bundle.patch_size), overlap=config.overlap, device=config.device, tta=config.tta
+        ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         save_probabilities=config.save_probabilities,
-        torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers or 1)) if config.device == "cpu" else None,
+        torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers or 1))
+        if config.device == "cpu"
+        else None,
     )
     with dask_client(workers=workers, scheduler=config.scheduler, resources=resources) as client:
-        futures = [client.submit(run_case, item, case_config, key=f"case-{item.case_id}", pure=False,
-                                 resources=resources if config.scheduler is None else None)
-                   for item in todo]
+        futures = [
+            client.submit(
+                run_case,
+                item,
+                case_config,
+                key=f"case-{item.case_id}",
+                pure=False,
+                resources=resources if config.scheduler is None else None,
+            )
+            for item in todo
+        ]
         failures = 0
         with tqdm(total=len(futures), desc="cases", unit="case") as bar:
             for future in as_completed(futures):
@@ -149,8 +176,14 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
 
 
 def _discovery_row(item: SourceItem) -> dict:
-    return {"case_id": item.case_id, "source": str(item.paths[0]) if item.paths else "", "kind": item.kind,
-            "status": item.status, "reason": item.reason, "seconds": 0.0}
+    return {
+        "case_id": item.case_id,
+        "source": str(item.paths[0]) if item.paths else "",
+        "kind": item.kind,
+        "status": item.status,
+        "reason": item.reason,
+        "seconds": 0.0,
+    }
 
 
 def _write_tables(rows: list[dict], bundle, out: Path) -> None:
@@ -177,15 +210,21 @@ def _summary(table: pd.DataFrame, bundle) -> dict:
                 entry["vol_pred_ml"] = float(vol)
             metric_rows.append(entry)
     counts = table["status"].value_counts().to_dict()
-    return {"cases": {k: int(v) for k, v in counts.items()},
-            "per_label": summarize_metrics(metric_rows) if metric_rows else {}}
+    return {
+        "cases": {k: int(v) for k, v in counts.items()},
+        "per_label": summarize_metrics(metric_rows) if metric_rows else {},
+    }
 
 
 def _loggable_params(config: PredictConfig) -> dict:
     """Run parameters safe for MLflow: no paths (they may hold patient names), no UIDs."""
-    return {"tta": config.tta, "device": config.device, "overlap": config.overlap,
-            "with_reference_labels": config.labels_dir is not None,
-            "save_probabilities": config.save_probabilities}
+    return {
+        "tta": config.tta,
+        "device": config.device,
+        "overlap": config.overlap,
+        "with_reference_labels": config.labels_dir is not None,
+        "save_probabilities": config.save_probabilities,
+    }
 
 
 def _print_summary(rows: list[dict], out: Path) -> None:
