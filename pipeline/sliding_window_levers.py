@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,38 @@ logger = logging.getLogger(__name__)
 
 Entry = tuple[int, tuple[int, int, int]]  # (batch index, window start (x, y, z))
 
-# Compiled networks and captured graphs outlive one sweep (the predictor calls the engine once
-# per case), but not the network: weak keys drop them with it.
-_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _CompiledForward]] = weakref.WeakKeyDictionary()
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _GraphedForward] = weakref.WeakKeyDictionary()
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+class ModuleCache:
+    """A small per-module cache that outlives one sweep (the predictor calls the engine once per
+    case; training validation once per epoch) but does not pin many networks in memory.
+
+    Values may hold the module strongly (a compiled module does), so a WeakKeyDictionary would
+    never drop them; instead the cache keeps the ``max_modules`` most recently used modules.
+    """
+
+    def __init__(self, max_modules: int = 8) -> None:
+        self.max_modules = max_modules
+        self._entries: OrderedDict[int, tuple[weakref.ref, Any]] = OrderedDict()
+
+    def get(self, module: nn.Module) -> Any:
+        entry = self._entries.get(id(module))
+        if entry is None or entry[0]() is not module:  # a new module may reuse a dead one's id
+            return None
+        self._entries.move_to_end(id(module))
+        return entry[1]
+
+    def set(self, module: nn.Module, value: Any) -> None:
+        self._entries[id(module)] = (weakref.ref(module), value)
+        self._entries.move_to_end(id(module))
+        while len(self._entries) > self.max_modules:
+            self._entries.popitem(last=False)
+
+
+_COMPILED = ModuleCache()  # module -> {(backend, mode): _CompiledForward}
+_GRAPHS = ModuleCache()  # module -> _GraphedForward
+# module -> (weights signature, optimised copy or None for "run the module itself"); the copy
+# never references the original, so weak keys are enough here.
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = weakref.WeakKeyDictionary()
 
 
 def first_output(y: Any) -> torch.Tensor:
@@ -65,13 +93,13 @@ def prepare_network(net: nn.Module, *, fold_batchnorm: bool, channels_last: bool
     key = (_weights_signature(net), fold_batchnorm, channels_last)
     cached = _PREPARED.get(net)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return net if cached[1] is None else cached[1]
     prepared = fold_batchnorm_into_convs(net) if fold_batchnorm else net
     if channels_last:
         prepared = copy.deepcopy(prepared) if prepared is net else prepared
         prepared.to(memory_format=torch.channels_last_3d)
     prepared.eval()
-    _PREPARED[net] = (key, prepared)
+    _PREPARED[net] = (key, None if prepared is net else prepared)
     return prepared
 
 
@@ -235,7 +263,10 @@ class NetworkRunner:
         net = prepare_network(net, fold_batchnorm=cfg.fold_batchnorm, channels_last=cfg.channels_last)
         fwd: Callable = net
         if cfg.compile:
-            per_net = _COMPILED.setdefault(net, {})
+            per_net = _COMPILED.get(net)
+            if per_net is None:
+                per_net = {}
+                _COMPILED.set(net, per_net)
             key = (cfg.compile_backend, cfg.compile_mode)
             if key not in per_net:
                 per_net[key] = _CompiledForward(net, cfg.compile_backend, cfg.compile_mode)
@@ -244,7 +275,7 @@ class NetworkRunner:
             graphed = _GRAPHS.get(net)
             if graphed is None or graphed.fn is not fwd:
                 graphed = _GraphedForward(fwd)
-                _GRAPHS[net] = graphed
+                _GRAPHS.set(net, graphed)
             fwd = graphed
         return fwd
 
