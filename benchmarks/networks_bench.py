@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -153,7 +154,8 @@ def run_isolated(name: str, patch: Patch, device: str, repeats: int) -> dict:
 def machine_line(device: str) -> str:
     cpu = f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
     gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{cpu}{gpu}; torch {torch.__version__}; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    load = f"; load average {os.getloadavg()[0]:.1f} at the end (shared machine)" if device == "cpu" else ""
+    return f"{cpu}{gpu}; torch {torch.__version__}; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC{load}"
 
 
 def markdown_table(rows: list[dict], device: str) -> str:
@@ -170,6 +172,11 @@ def markdown_table(rows: list[dict], device: str) -> str:
             f"| {r['name']} | {r['params_m']:.2f} | {window} | {r['gflops']:.1f} | {r['gflops_std']:.1f} ({std}) "
             f"| {r['windows_per_s']:.3f} | {r['peak_mib']:.0f} ({mem}) | {device}, {dtype} |"
         )
+    lines.append("")
+    lines.append(
+        "unet's topology (so its parameter count) follows the window by nnU-Net's rule; unetr's position "
+        "embedding follows img_size. GFLOPs: FlopCounterMode, 2 per multiply-add, batch 1."
+    )
     return "\n".join(lines)
 
 

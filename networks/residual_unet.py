@@ -25,8 +25,9 @@ class ResidualUNetConfig:
         in_channels: Input image channels.
         out_channels: Output classes (logit channels, background included).
         channels: Feature width per level, full resolution first; ``len(channels)`` levels in all.
-        strides: Downsampling factor ``(sx, sy, sz)`` (or one int) entering each level; ``strides[0]`` must be 1.
-            Default: 1 then 2 per level.
+        strides: Downsampling factor ``(sx, sy, sz)`` (or one int) entering each level, either one per level
+            with ``strides[0] == 1`` (DynUNet style) or one per downsampling, ``len(channels) - 1`` entries
+            (MONAI ``UNet`` style; a leading 1 is implied). Default: 2 per downsampling.
         kernel_size: Convolution kernel (one int or a triple) used at every level.
         dropout: Dropout probability inside the residual blocks (``None`` or 0 for none).
         norm: MONAI norm spec, e.g. ``("instance", {"affine": True})``, ``"batch"``, ``("group", {"num_groups": 4})``.
@@ -52,8 +53,13 @@ class ResidualUNetConfig:
             raise ValueError(f"channels needs at least 2 levels; got {tuple(self.channels)}")
         raw = self.strides if self.strides is not None else [1] + [2] * (n - 1)
         strides = [_triple(s, "strides") for s in raw]
+        if len(strides) == n - 1:
+            strides = [(1, 1, 1), *strides]
         if len(strides) != n:
-            raise ValueError(f"strides needs one entry per level ({n} channels); got {len(strides)}")
+            raise ValueError(
+                f"strides needs one entry per level ({n}, strides[0] == 1) or per downsampling ({n - 1}); "
+                f"got {len(strides)}"
+            )
         if strides[0] != (1, 1, 1):
             raise ValueError(f"strides[0] (the full-resolution level) must be 1; got {strides[0]}")
         if any(v < 1 for s in strides for v in s):

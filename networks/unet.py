@@ -166,7 +166,9 @@ def build_unet(
 
     With ``patch_size`` (and optional ``spacing_mm``, default isotropic 1 mm) the topology follows
     :func:`unet_topology`, limited to ``len(channels)`` levels when ``channels`` is given; otherwise
-    ``strides`` default to ``(1, 2, 2, 2, 2)`` and kernels to 3. ``channels`` default to nnU-Net's widths.
+    ``strides`` default to ``(1, 2, 2, 2, 2)`` and kernels to 3. ``strides`` may have one entry per level
+    (``strides[0] == 1``, DynUNet style) or ``len(channels) - 1`` (MONAI ``UNet`` style, leading 1 implied).
+    ``channels`` default to nnU-Net's widths.
     """
     if patch_size is not None:
         if strides is not None or kernel_size is not None:
@@ -189,10 +191,13 @@ def build_unet(
     else:
         if spacing_mm is not None:
             raise ValueError("spacing_mm is only used together with patch_size")
-        n = len(strides) if strides is not None else (len(channels) if channels is not None else 5)
+        n = len(channels) if channels is not None else (len(strides) if strides is not None else 5)
         stride_list = (
             [_triple(s) for s in strides] if strides is not None else [(1, 1, 1)] + [(2, 2, 2)] * (n - 1)
         )
+        if len(stride_list) == n - 1:  # MONAI UNet style: one stride per downsampling, the leading 1 implied
+            stride_list = [(1, 1, 1), *stride_list]
+        n = len(stride_list)
         kernels = [_triple(k) for k in kernel_size] if kernel_size is not None else [(3, 3, 3)] * n
     if len(stride_list) < 3:
         raise ValueError(f"unet needs at least 3 levels (strides entries); got {len(stride_list)}")

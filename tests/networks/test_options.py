@@ -251,7 +251,8 @@ def test_unknown_option_lists_valid_options(name):
         ("swin_unetr", {"num_heads": (5, 6, 12, 24)}, "num_heads"),
         ("unetr", {"img_size": (96, 96, 40)}, "multiples of 16"),
         ("unetr", {"hidden_size": 100, "num_heads": 12}, "divisible by num_heads"),
-        ("attention_unet", {"channels": (8, 16, 32), "strides": (1, 2)}, "one entry per level"),
+        ("attention_unet", {"channels": (8, 16, 32), "strides": (1,)}, "one entry per level"),
+        ("unet", {"channels": (8, 16, 32), "strides": (1, 2, 2, 2)}, "one entry per level"),
         ("attention_unet", {"channels": (8, 16), "strides": (2, 2)}, "strides\\[0\\]"),
         ("attention_unet", {"channels": (8, 16), "kernel_size": 4}, "odd"),
         (
@@ -265,6 +266,19 @@ def test_unknown_option_lists_valid_options(name):
 def test_invalid_option_values_raise_value_error(name, options, message):
     with pytest.raises(ValueError, match=message):
         build_network(name, 1, 2, **options)
+
+
+@pytest.mark.parametrize(
+    "name", ["unet", "attention_unet", "dual_attention_unet", "channel_attention_aspp_unet"]
+)
+def test_strides_accept_monai_unet_and_dynunet_conventions(name):
+    # MONAI UNet: one stride per downsampling; DynUNet: one per level with a leading 1. Options that went
+    # through JSON (lists) must build the same network.
+    monai_style = build_network(name, 1, 2, channels=[8, 16, 32], strides=[2, [2, 2, 1]])
+    dynunet_style = build_network(name, 1, 2, channels=(8, 16, 32), strides=(1, 2, (2, 2, 1)))
+    assert monai_style.min_input_divisor == dynunet_style.min_input_divisor == (4, 4, 2)
+    assert n_params(monai_style) == n_params(dynunet_style)
+    assert monai_style.state_dict().keys() == dynunet_style.state_dict().keys()
 
 
 def test_input_not_divisible_raises_with_divisor():
