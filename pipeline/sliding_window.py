@@ -16,6 +16,9 @@ tolerance. Why not call MONAI directly: the product's GPU target (320^3, roi 128
 - pinned-memory, side-stream H2D prefetch of the next windows when the image stays on the host;
 - host stitching (accumulator in CPU memory) when the output would not fit the GPU.
 
+How windows reach the network and how it runs (feeder, compile, graphs, BatchNorm folding)
+lives in :mod:`pipeline.sliding_window_levers`; this module holds the blending.
+
 Arrays are ``(B, C, X, Y, Z)``: batch, channel, then voxel axes ``i, j, k`` of the image affine.
 """
 
