@@ -47,6 +47,8 @@ _DISCOVERY_TAGS = [
     "ImageOrientationPatient",
     "ImagePositionPatient",
     "SpecificCharacterSet",
+    # Parsed only when present, i.e. for enhanced multi-frame objects (its items are small).
+    "SharedFunctionalGroupsSequence",
 ]
 
 
@@ -236,6 +238,13 @@ def _read_dicom_header(path: Path) -> _DicomHeader | SourceItem:
     # Enhanced objects carry NumberOfFrames and keep the plane position in functional groups.
     n_frames = ds.get("NumberOfFrames")
     multiframe = n_frames is not None and (int(n_frames or 1) > 1 or "ImagePositionPatient" not in ds)
+    if multiframe and "SharedFunctionalGroupsSequence" not in ds:
+        return _skip(
+            path,
+            "multi-frame object without functional groups (cine or 2D+t, not a 3D volume)",
+            modality,
+            series_uid,
+        )
     orientation = None
     if not multiframe:
         iop = ds.get("ImageOrientationPatient")

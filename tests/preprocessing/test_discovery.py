@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from preprocessing.discovery import discover_sources
 from preprocessing.synthetic import make_phantom, orientation_affine, write_hospital_folder, write_nifti
@@ -114,3 +116,10 @@ def test_parallel_header_scan_gives_the_same_items(hospital, monkeypatch):
     assert [(it.case_id, it.status, it.reason, it.paths) for it in parallel] == [
         (it.case_id, it.status, it.reason, it.paths) for it in serial
     ]
+
+
+def test_multiframe_without_functional_groups_is_skipped(tmp_path):
+    """A cine/2D+t clip (pydicom's 2-frame RLE example) is not a 3D volume: skipped with a reason."""
+    source = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    (item,) = discover_sources(source)
+    assert item.status == "skipped" and "multi-frame object without functional groups" in item.reason
