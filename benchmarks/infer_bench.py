@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs in our engine")
     p.add_argument("--fp16-accumulator", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d in our engine")
+    p.add_argument("--max-network-batch", type=int, default=None, help="cap on windows x mirrors per call")
     p.add_argument("--no-fold-batchnorm", action="store_true", help="run our engine on the unfolded net")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=1)
@@ -212,6 +213,7 @@ def bench_inference(args: argparse.Namespace) -> dict[str, object]:
         device=args.device, amp=not args.no_amp, tta=args.tta, compile=args.compile,
         cuda_graphs=args.cuda_graphs, accumulate_dtype="float16" if args.fp16_accumulator else "float32",
         channels_last=args.channels_last, fold_batchnorm=not args.no_fold_batchnorm,
+        max_network_batch=args.max_network_batch,
     )  # fmt: skip
     ours_fn = lambda: predict_probabilities(image[0], [net], cfg)  # noqa: E731
     monai_fn = lambda: monai_probabilities(image, net, args)  # noqa: E731
@@ -298,6 +300,8 @@ def append_markdown(result: dict, path: Path = RESULTS_MD) -> None:
 def _options(a: dict) -> str:
     names = ("compile", "cuda_graphs", "channels_last", "fp16_accumulator", "no_fold_batchnorm", "no_amp")
     opts = [n.replace("_", "-") for n in names if a.get(n)]
+    if a.get("max_network_batch"):
+        opts.append(f"max-network-batch={a['max_network_batch']}")
     if a.get("threads"):
         opts.append(f"threads={a['threads']}")
     return ", ".join(opts) or "defaults"

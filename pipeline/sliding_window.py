@@ -54,6 +54,8 @@ class InferenceConfig:
         roi_size: window size ``(X, Y, Z)`` in voxels (the plan's patch size).
         overlap: fraction of a window shared with its neighbour along each axis, in ``[0, 1)``.
         sw_batch_size: windows per network call (times the number of mirrors when ``tta``).
+        max_network_batch: upper bound on samples per network call (windows x mirrors); None
+            runs all mirrors of ``sw_batch_size`` windows in one call. Bounds activation memory.
         sigma_scale: Gaussian sigma as a fraction of the window size (MONAI / nnU-Net: 0.125).
         mode: ``"gaussian"`` or ``"constant"`` blending of overlapping windows.
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"`` works too): where the network runs.
@@ -84,6 +86,7 @@ class InferenceConfig:
     roi_size: tuple[int, int, int] = (128, 128, 128)
     overlap: float = 0.5
     sw_batch_size: int = 4
+    max_network_batch: int | None = None
     sigma_scale: float = 0.125
     mode: str = "gaussian"
     device: str = "cpu"

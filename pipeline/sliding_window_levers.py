@@ -256,6 +256,7 @@ class NetworkRunner:
         device: torch.device,
     ) -> None:
         self.mirrors = list(mirrors)
+        self.max_batch = cfg.max_network_batch
         self.forwards = [self._prepare(net, cfg, device) for net in networks]
 
     @staticmethod
@@ -286,8 +287,12 @@ class NetworkRunner:
         else:
             x = torch.cat([windows.flip(m) if m else windows for m in self.mirrors])
         outputs = []
+        step = self.max_batch or x.shape[0]
         for fwd in self.forwards:
-            y = first_output(fwd(x))
+            if step >= x.shape[0]:
+                y = first_output(fwd(x))
+            else:  # bound activation memory when mirrors multiply the batch
+                y = torch.cat([first_output(fwd(x[i : i + step])) for i in range(0, x.shape[0], step)])
             for j, m in enumerate(self.mirrors):
                 part = y[j * n : (j + 1) * n]
                 outputs.append(part.flip(m) if m else part)

@@ -170,6 +170,9 @@ def test_tta_and_ensemble_equal_mean_of_softmax_of_each_pass():
     # Not vacuous: mirroring changes the answer of these (non-symmetric) networks.
     no_tta = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI))
     assert (no_tta - probs).abs().max() > 1e-3
+    # Mirrors split over several network calls: same result.
+    split = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI, tta=True, max_network_batch=5))
+    torch.testing.assert_close(split, probs, atol=1e-5, rtol=1e-5)
     # One sweep per pass (memory budget too small for side-by-side passes): same result.
     sequential = predict_probabilities(
         image, nets, InferenceConfig(roi_size=ROI, tta=True, max_accumulator_bytes=1)
