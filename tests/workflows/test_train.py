@@ -336,3 +336,33 @@ def _wait_for_health(uri: str, server: subprocess.Popen, timeout: float = 120.0)
         except OSError:
             time.sleep(0.5)
     raise TimeoutError("mlflow server did not become healthy")
+
+
+def test_unreachable_tracking_server_still_trains_and_exits_4(tmp_path, tiny_data, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    work = tmp_path / "work"
+    argv = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--network",
+        "unet",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--fold",
+        "0",
+        "--register",
+        "m",
+        "--config",
+        _config(tmp_path, TINY_CONFIG),
+        "--out",
+        str(work),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 4
+    assert "unreachable" in capsys.readouterr().out
+    assert (work / "fold_0" / "checkpoint_best.pt").is_file()
+    assert load_bundle(work / "bundle").label_names == {1: "liver", 2: "kidney", 3: "lesion"}
