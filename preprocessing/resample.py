@@ -53,7 +53,8 @@ def resample_to_grid(
         dst_shape: destination ``(X, Y, Z)`` voxel counts.
         mode: ``"linear"`` (trilinear) or ``"nearest"``.
         padding: value for destination voxels outside the source: ``"border"`` (nearest edge
-            voxel), ``"zeros"``, or a number (e.g. -1024.0 for CT air).
+            voxel), ``"zeros"``, or a number (e.g. -1024.0 for CT air). Along a source axis of
+            size 1 (a single slice) the general path always behaves as ``"border"``.
 
     Returns:
         ``(C, *dst_shape)`` tensor with ``data``'s dtype and device.
