@@ -21,6 +21,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from pipeline.bundle import ModelBundle, load_bundle
@@ -29,6 +30,7 @@ from pipeline.predictor import segment_volume
 from pipeline.qc import write_qc_picture
 from pipeline.seg_writer import write_dicom_seg
 from pipeline.sliding_window import InferenceConfig
+from preprocessing.atomic import atomic_path
 from preprocessing.discovery import SourceItem
 from preprocessing.volume_io import load_source_item, read_volume, write_nifti_atomic
 
@@ -156,7 +158,10 @@ def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, stagi
         volume, networks, bundle, config.inference, return_probabilities=config.save_probabilities
     )
     affine = volume.affine_ras
-    write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.uint8)
+    if item.kind == "nifti" and len(item.paths) == 1:
+        write_mask_like_source(labels, item.paths[0], staging / "mask.nii.gz")
+    else:
+        write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.uint8)
     if probabilities is not None:
         write_nifti_atomic(
             np.moveaxis(probabilities, 0, -1).astype(np.float16), affine, staging / "probabilities.nii.gz"
@@ -185,6 +190,24 @@ def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, stagi
     if config.labels_dir:
         out.update(_reference_metrics(item.case_id, labels, volume, bundle, config))
     return out
+
+
+def write_mask_like_source(labels: np.ndarray, source: Path, out_path: Path) -> Path:
+    """Write a uint8 mask whose header geometry is the source NIfTI's, sform *and* qform.
+
+    Viewers differ in which of the two they trust when they disagree; copying both (with their
+    codes) makes the mask overlay the image in every viewer, bit for bit.
+    """
+    src = nib.load(str(source))
+    header = src.header.copy()
+    header.set_data_dtype(np.uint8)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    img = nib.Nifti1Image(labels.astype(np.uint8), None, header=header)
+    img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
+    img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
+    with atomic_path(out_path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(out_path)
 
 
 def _reference_metrics(case_id, labels, volume, bundle, config: CaseConfig) -> dict:

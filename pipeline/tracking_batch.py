@@ -26,10 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
-from pipeline.tracking import check_tracking_reachable, tracking_uri
+from pipeline.tracking import Tracker, check_tracking_reachable, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -85,39 +84,42 @@ def _warn_not_logged(uri: str, problem: str, out_dir: Path) -> None:
 
 
 def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None:
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(info.experiment)
     table = pd.read_csv(out / "cases.csv", keep_default_na=False)
     summary = json.loads((out / "summary.json").read_text())
-    run_name = f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(run_name=run_name) as run, tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        mlflow.set_tags(
-            {
-                "medseg.job": "predict",
-                "medseg.model_name": info.model_name,
-                "medseg.model_version": info.model_version,
-            }
-        )
-        mlflow.log_params(
-            {
-                "model_uri": _safe_model_uri(info.model_uri),
-                "model_name": info.model_name,
-                "model_version": info.model_version,
-                **info.params,
-            }
-        )
-        mlflow.log_metrics(_summary_metrics(summary))
-        safe = loggable_cases(table)
-        safe.to_csv(tmp / "cases.csv", index=False)
-        mlflow.log_artifact(str(tmp / "cases.csv"))
-        mlflow.log_table(data=safe, artifact_file="cases.json")
-        failures = safe[safe["status"] == "error"][["case_id", "reason"]]
-        failures.to_csv(tmp / "failures.csv", index=False)
-        mlflow.log_artifact(str(tmp / "failures.csv"))
-        mlflow.log_dict(summary, "summary.json")
-        _log_qc_pictures(table, out, tmp, qc_sample)
-        logger.info("batch logged to MLflow run %s (experiment %s)", run.info.run_id, info.experiment)
+    # Tracker creates the experiment with a local artifact root next to a sqlite store (never ./mlruns).
+    run = Tracker(info.experiment, uri).start_run(
+        f"predict-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={
+            "medseg.job": "predict",
+            "medseg.model_name": info.model_name,
+            "medseg.model_version": info.model_version,
+        },
+    )
+    status = "FAILED"
+    try:
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            tmp = Path(tmp_dir)
+            run.log_params(
+                {
+                    "model_uri": _safe_model_uri(info.model_uri),
+                    "model_name": info.model_name,
+                    "model_version": info.model_version,
+                    **info.params,
+                }
+            )
+            run.log_metrics(_summary_metrics(summary), step=0)
+            safe = loggable_cases(table)
+            safe.to_csv(tmp / "cases.csv", index=False)
+            safe[safe["status"] == "error"][["case_id", "reason"]].to_csv(tmp / "failures.csv", index=False)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            for name in ("cases.csv", "failures.csv", "summary.json"):
+                run.log_artifact(tmp / name)
+            run.client.log_table(run.run_id, data=safe, artifact_file="cases.json")
+            _log_qc_pictures(run, table, out, tmp, qc_sample)
+        status = "FINISHED"
+        logger.info("batch logged to MLflow run %s (experiment %s)", run.run_id, info.experiment)
+    finally:
+        run.end(status)
 
 
 def _safe_model_uri(uri: str) -> str:
@@ -138,7 +140,7 @@ def _summary_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
-def _log_qc_pictures(table: pd.DataFrame, out: Path, tmp: Path, qc_sample: int | None) -> None:
+def _log_qc_pictures(run: Tracker, table: pd.DataFrame, out: Path, tmp: Path, qc_sample: int | None) -> None:
     ok = table[table["status"] == "ok"]["case_id"].tolist()
     if qc_sample is not None:
         ok = ok[: max(0, qc_sample)]
@@ -149,4 +151,4 @@ def _log_qc_pictures(table: pd.DataFrame, out: Path, tmp: Path, qc_sample: int |
         if picture.is_file():
             shutil.copyfile(picture, qc_dir / f"{case_id}.png")
     if any(qc_dir.iterdir()):
-        mlflow.log_artifacts(str(qc_dir), artifact_path="qc")
+        run.log_artifact(qc_dir, artifact_path="qc")

@@ -19,7 +19,7 @@ import pandas as pd
 from distributed import as_completed
 from tqdm import tqdm
 
-from pipeline.bundle import load_bundle, resolve_bundle_dir
+from pipeline.bundle import ModelBundleError, load_bundle, resolve_bundle_dir
 from pipeline.case_runner import CaseConfig, case_is_done, clean_staging, read_case_record, run_case
 from pipeline.metrics import summarize_metrics
 from pipeline.sliding_window import InferenceConfig
@@ -93,8 +93,11 @@ def run_predict(config: PredictConfig) -> int:
     removed = clean_staging(out)
     if removed:
         print(f"removed {removed} unfinished case folder(s) left by an interrupted run")
-    bundle_dir = resolve_bundle_dir(config.model_uri, cache_dir=out / ".model")
-    bundle = load_bundle(bundle_dir)  # fail fast (exit 2) on a bad model before touching the cluster
+    try:  # fail fast (exit 2) on a bad model before touching the cluster
+        bundle_dir = resolve_bundle_dir(config.model_uri, cache_dir=out / ".model")
+        bundle = load_bundle(bundle_dir)
+    except ModelBundleError as exc:
+        raise ValueError(f"--model {config.model_uri}: {exc}") from exc
     items = discover_sources(config.source)
     print(f"{len(items)} case(s) found in {config.source}; model {bundle.name or config.model_uri}")
     rows = _run_cases(items, bundle_dir, bundle, config)
