@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.trainer import FoldData, TrainConfig, _make_data, _new_loop, train_one_epoch
+from pipeline.trainer import TrainConfig, _new_loop, train_one_epoch
+from pipeline.training_data import FoldData, make_fold_data
 from preprocessing.msd import read_msd_dataset
 from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
 from preprocessing.synthetic import write_msd_dataset
@@ -53,7 +54,7 @@ def bench(cache: str, data: FoldData, plan, args: argparse.Namespace, root: Path
     torch.set_num_threads(args.threads)
     loop = _new_loop(plan, config)
     t0 = time.perf_counter()
-    _, loader, _ = _make_data(data, plan, config, root / f"cache-{cache}")
+    _, loader, _ = make_fold_data(data, plan, config, root / f"cache-{cache}")
     setup = time.perf_counter() - t0
     epochs = [train_one_epoch(loop, loader, config) for _ in range(args.epochs)]
     steady = epochs[1:] or epochs

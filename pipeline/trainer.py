@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
@@ -41,13 +41,15 @@ from pipeline.losses import DeepSupervisionLoss
 from pipeline.optimization import make_optimizer, make_scheduler, set_schedule_length
 from pipeline.sliding_window import InferenceConfig
 from pipeline.tracking import Tracker
+from pipeline.training_data import FoldData, make_fold_data
 from pipeline.validation import ValidationCase, ValidationResult, validate
 from preprocessing.plan import Plan
-from preprocessing.transforms import AugmentConfig, train_transforms, val_transforms
+from preprocessing.transforms import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
 EPOCH_LOG = "epochs.jsonl"
+QC_PICTURE = "qc_best.png"
 
 
 @dataclass(frozen=True)
@@ -95,15 +97,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class FoldData:
-    """Cases of one fold: MONAI items ``{"image": path(s), "label": path, "case_id": str}``."""
-
-    fold: int
-    train: tuple[dict[str, Any], ...]
-    val: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
 class FoldResult:
     """Outcome of one fold (``best_dice`` = mean foreground validation Dice at ``best_epoch``)."""
 
@@ -120,21 +113,6 @@ def build_fold_network(plan: Plan, device: str | torch.device = "cpu") -> nn.Mod
     """The plan's network (``networks.build_network``) on ``device``."""
     net = build_network(plan.network, plan.in_channels, plan.num_classes, **plan.network_options)
     return net.to(device)
-
-
-def make_dataset(
-    items: list[dict[str, Any]], transform: Any, cache: str, cache_dir: Path | None = None
-) -> Dataset:
-    """MONAI dataset that caches the deterministic head of ``transform`` per ``cache``."""
-    if cache == "memory":
-        return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
-    if cache == "disk":
-        if cache_dir is None:
-            raise ValueError("cache='disk' needs a cache folder")
-        return PersistentDataset(items, transform, cache_dir=cache_dir)
-    if cache == "none":
-        return Dataset(items, transform)
-    raise ValueError(f"cache must be 'memory', 'disk' or 'none'; got {cache!r}")
 
 
 def _autocast(config: TrainConfig) -> tuple[bool, torch.dtype]:
@@ -201,18 +179,6 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, config: TrainConfig) -> dic
     }
 
 
-def _validation_cases(dataset: Dataset, items: tuple[dict[str, Any], ...]) -> list[ValidationCase]:
-    cases = []
-    for i, item in enumerate(items):
-        d = dataset[i]
-        image = d["image"]
-        affine = np.asarray(image.affine, dtype=np.float64) if hasattr(image, "affine") else np.eye(4)
-        label = torch.as_tensor(d["label"])[0].round().to(torch.uint8).numpy()
-        plain = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        cases.append(ValidationCase(str(item.get("case_id", i)), plain.float(), label, affine))
-    return cases
-
-
 def _checkpoint_state(loop: _Loop) -> dict[str, Any]:
     return {
         "epoch": loop.epoch,
@@ -249,25 +215,6 @@ def _new_loop(plan: Plan, config: TrainConfig) -> _Loop:
     return _Loop(model, optimizer, make_scheduler(optimizer, config), scaler, DeepSupervisionLoss())
 
 
-def _make_data(
-    data: FoldData, plan: Plan, config: TrainConfig, cache_dir: Path
-) -> tuple[Dataset, DataLoader, list[ValidationCase]]:
-    """Training dataset + loader (patches) and the preprocessed validation volumes."""
-    chain = train_transforms(plan, config.augment, config.samples_per_volume)
-    train_ds = make_dataset(list(data.train), chain, config.cache, cache_dir)
-    val_ds = make_dataset(list(data.val), val_transforms(plan), config.cache, cache_dir)
-    cases_per_batch = max(1, plan.batch_size // config.samples_per_volume)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cases_per_batch,
-        shuffle=True,
-        num_workers=config.num_workers,
-        collate_fn=list_data_collate,
-        drop_last=len(data.train) > cases_per_batch,
-    )
-    return train_ds, loader, _validation_cases(val_ds, data.val)
-
-
 def train_fold(
     data: FoldData,
     plan: Plan,
@@ -288,13 +235,16 @@ def train_fold(
     """
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run must not append to, or keep the best of, an older run in this folder
+        for name in (LAST, BEST, EPOCH_LOG, QC_PICTURE):
+            (work / name).unlink(missing_ok=True)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     seed = config.seed + data.fold
     torch.manual_seed(seed)
     np.random.seed(seed)
     loop = _new_loop(plan, config)
-    train_ds, loader, val_cases = _make_data(data, plan, config, work.parent / "cache")
+    train_ds, loader, val_cases = make_fold_data(data, plan, config, work.parent / "cache")
     # Restore last: MONAI's DataLoader re-seeds torch's global generator when it is created.
     if resume and (work / LAST).is_file():
         _restore(loop, work / LAST, config)
@@ -360,7 +310,7 @@ def _keep_best(
         },
     )
     if qc_case is not None and result.first_prediction is not None:
-        _write_qc(qc_case, result.first_prediction, work / "qc_best.png", plan, loop.epoch)
+        _write_qc(qc_case, result.first_prediction, work / QC_PICTURE, plan, loop.epoch)
 
 
 def _write_qc(case: ValidationCase, pred: np.ndarray, path: Path, plan: Plan, epoch: int) -> None:
@@ -383,8 +333,8 @@ def _append_epoch_log(work: Path, epoch: int, metrics: dict[str, float]) -> None
 def _finish(loop: _Loop, data: FoldData, work: Path, tracker: Tracker) -> FoldResult:
     if (work / BEST).is_file():
         tracker.log_artifact(work / BEST, "checkpoints")
-    if (work / "qc_best.png").is_file():
-        tracker.log_artifact(work / "qc_best.png", "qc")
+    if (work / QC_PICTURE).is_file():
+        tracker.log_artifact(work / QC_PICTURE, "qc")
     tracker.log_metrics({"best_val_dice": loop.best_dice, "best_epoch": loop.best_epoch}, step=loop.epoch)
     logger.info("fold %d: best mean Dice %.4f at epoch %d", data.fold, loop.best_dice, loop.best_epoch)
     return FoldResult(

@@ -136,7 +136,7 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 def deterministic_transforms(plan: Plan) -> list:
     """Load -> channel first -> RAS -> plan spacing -> crop zero borders -> normalise -> pad to patch."""
     return [
-        LoadImaged(keys=KEYS, image_only=True),
+        LoadImaged(keys=KEYS, reader="NibabelReader", image_only=True),  # MSD is NIfTI: skip reader probing
         EnsureChannelFirstd(keys=KEYS),
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=KEYS, pixdim=plan.spacing_mm, mode=("bilinear", "nearest"), dtype=np.float32),

@@ -30,7 +30,8 @@ import numpy as np
 import yaml
 
 from pipeline.tracking import NullTracker, Tracker, check_tracking_reachable, code_version, tracking_uri
-from pipeline.trainer import FoldData, FoldResult, TrainConfig, train_fold
+from pipeline.trainer import FoldResult, TrainConfig, train_fold
+from pipeline.training_data import FoldData
 from preprocessing.atomic import write_text_atomic
 from preprocessing.errors import DatasetError
 from preprocessing.msd import MsdDataset, read_msd_dataset

@@ -10,7 +10,8 @@ import torch
 import pipeline.trainer as trainer
 from pipeline.checkpoint import BEST, LAST, load_checkpoint
 from pipeline.tracking import Tracker
-from pipeline.trainer import FoldData, TrainConfig, train_fold
+from pipeline.trainer import TrainConfig, train_fold
+from pipeline.training_data import FoldData
 from preprocessing.msd import read_msd_dataset
 from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
 from preprocessing.synthetic import write_msd_dataset
