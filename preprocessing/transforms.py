@@ -139,7 +139,11 @@ def deterministic_transforms(plan: Plan) -> list:
         LoadImaged(keys=KEYS, reader="NibabelReader", image_only=True),  # MSD is NIfTI: skip reader probing
         EnsureChannelFirstd(keys=KEYS),
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys=KEYS, pixdim=plan.spacing_mm, mode=("bilinear", "nearest"), dtype=np.float32),
+        # diagonal=True: resample onto a RAS-aligned grid (no rotation), as preprocess_for_inference does,
+        # so an oblique acquisition shows the network the same anatomical orientation in both.
+        Spacingd(
+            keys=KEYS, pixdim=plan.spacing_mm, diagonal=True, mode=("bilinear", "nearest"), dtype=np.float32
+        ),
         CropForegroundd(keys=KEYS, source_key="image", select_fn=_nonzero, allow_smaller=True),
         NormalizeIntensityByPland("image", plan.normalization),
         SpatialPadd(keys=KEYS, spatial_size=plan.patch_size),
