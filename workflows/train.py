@@ -187,6 +187,12 @@ def run_cross_validation(job: CrossValidationJob, dataset: MsdDataset) -> int:
     )
     problem = check_tracking_reachable(tracking_uri())
     parent, fold_trackers = _open_runs(job, plan, problem)
+    print(
+        f"plan: spacing {plan.spacing_mm} mm, patch {plan.patch_size}, batch {plan.batch_size}; "
+        f"work folder {job.work_dir}"
+    )
+    if not problem:
+        print(f"MLflow: {tracking_uri()} experiment '{job.experiment}', run {parent.run_id}")
     by_id = {c.case_id: c for c in dataset.cases}
     fold_data = [_fold_data(f, splits[f], by_id) for f in job.folds]
     try:

@@ -103,5 +103,9 @@ def test_pyfunc_predicts_label_map(tmp_path):
         volume, bundle.build_networks("cpu"), bundle, InferenceConfig(roi_size=(16, 16, 16), device="cpu")
     )
     assert np.array_equal(labels, direct)
+    import pandas as pd
+
+    frame = pd.DataFrame({"image": [image], "spacing_mm": [[1.5, 1.5, 3.0]]})
+    assert np.array_equal(model.predict(frame), direct)
     with pytest.raises(ValueError, match="spacing_mm"):
         model.predict({"image": image})
