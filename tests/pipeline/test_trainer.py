@@ -103,3 +103,20 @@ def test_resume_can_extend_epochs_with_poly_schedule(fold, tmp_path):
     lrs = dict(tracker.metric_history("lr"))
     assert lrs[1] == pytest.approx(1e-2)
     assert lrs[3] == pytest.approx(1e-2 * (1 - 2 / 3) ** 0.9, rel=1e-4)  # poly over the new length
+
+
+@pytest.mark.gpu
+def test_amp_training_on_cuda(fold, tmp_path):
+    data, plan = fold
+    config = TrainConfig(**{**CONFIG.__dict__, "device": "cuda", "amp": True, "epochs": 2})
+    result = train_fold(data, plan, config, tmp_path / "gpu", Tracker("exp-gpu").start_run("gpu"))
+    assert result.epochs_run == 2 and 0.0 <= result.best_dice <= 1.0
+    assert load_checkpoint(tmp_path / "gpu" / LAST, map_location="cpu")["epoch"] == 2
+    assert torch.isfinite(
+        torch.tensor(
+            [
+                json.loads(x)["train_loss"]
+                for x in (tmp_path / "gpu" / trainer.EPOCH_LOG).read_text().splitlines()
+            ]
+        )
+    ).all()

@@ -126,3 +126,32 @@ def test_oblique_volume_gives_ras_aligned_grids_with_correct_world_values(tmp_pa
         inside = np.all((src >= 1) & (src <= np.array(shape) - 2), axis=-1)  # away from the FOV edge
         assert inside.sum() > 1000
         assert np.allclose(values[inside], world_function(world[inside]), atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["4d", "channel_files"])
+def test_multichannel_layouts_match_inference_preprocessing(tmp_path, layout):
+    root = tmp_path / "mc"
+    write_msd_dataset(
+        root, n_train=2, n_test=0, shape=(20, 18, 10), n_channels=2, with_patients=False, seed=6
+    )
+    if layout == "channel_files":  # rewrite as nnU-Net style case_000_0000.nii.gz / _0001
+        for path in sorted((root / "imagesTr").glob("*.nii.gz")):
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, np.float32)
+            for ch in range(2):
+                nib.save(
+                    nib.Nifti1Image(data[..., ch], img.affine),
+                    str(path.with_name(path.name[:-7] + f"_{ch:04d}.nii.gz")),
+                )
+            path.unlink()
+    ds = read_msd_dataset(root)
+    plan = make_plan(fingerprint_dataset(ds), "unet", PlanConfig(patch_size=(8, 8, 8), divisor=8))
+    assert [n.scheme for n in plan.normalization] == ["ct", "zscore"]  # CT channel + MR channel
+    case = ds.cases[0]
+    val = val_transforms(plan)(case_to_item(case.image_paths, case.label_path))
+    from preprocessing.msd import load_case_arrays
+
+    image, _, affine = load_case_arrays(case)
+    tensor, _ = preprocess_for_inference(Volume(image, affine), plan)
+    assert tuple(val["image"].shape) == (2, 20, 18, 10)
+    assert torch.allclose(tensor, val["image"].as_tensor(), atol=1e-4)
