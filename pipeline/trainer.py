@@ -194,7 +194,8 @@ def _checkpoint_state(loop: _Loop) -> dict[str, Any]:
 
 
 def _restore(loop: _Loop, path: Path, config: TrainConfig) -> None:
-    state = load_checkpoint(path, map_location=config.device)
+    # CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state to the device.
+    state = load_checkpoint(path, map_location="cpu")
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
