@@ -241,6 +241,9 @@ def mlflow_server(tmp_path, monkeypatch):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        # Its own process group: `mlflow server` starts uvicorn, a job runner and huey consumers,
+        # which must all stop with it.
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -249,8 +252,26 @@ def mlflow_server(tmp_path, monkeypatch):
         monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        _stop_group(server)
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after 15 s."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            server.poll()  # reap the leader, or it lingers in the group as a zombie
+            try:
+                os.killpg(server.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                server.wait(timeout=5)
+                return
+            time.sleep(0.3)
+        server.poll()
 
 
 @pytest.mark.slow  # the server alone needs ~10-30 s to start on a busy 2-core machine
