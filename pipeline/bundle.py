@@ -258,8 +258,15 @@ def _registry_info(uri: str) -> dict[str, str]:
 
 
 def load_bundle(uri_or_dir: str | Path) -> ModelBundle:
-    """Load a bundle from a folder or an MLflow URI (see :func:`resolve_bundle_dir`)."""
-    return _read_bundle_folder(resolve_bundle_dir(uri_or_dir))
+    """Load a bundle from a folder or an MLflow URI (see :func:`resolve_bundle_dir`).
+
+    An MLflow download goes to a temporary folder that is removed once the weights are in memory.
+    """
+    text = str(uri_or_dir)
+    if "://" not in text and not text.startswith(("models:", "runs:")):
+        return _read_bundle_folder(resolve_bundle_dir(text))
+    with tempfile.TemporaryDirectory(prefix="medseg-bundle-") as tmp:
+        return _read_bundle_folder(resolve_bundle_dir(text, cache_dir=Path(tmp) / "download"))
 
 
 class MedsegPyfuncModel(PythonModel):
