@@ -13,8 +13,6 @@ Public: :class:`DicomSeriesSpec`, :func:`write_dicom_series`.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+
+from preprocessing.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -261,15 +261,8 @@ def encode(ds: Dataset, transfer_syntax: str) -> None:
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
     """Write atomically (temp file in the same folder, then rename) with a valid DICOM file meta."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

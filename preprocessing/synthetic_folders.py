@@ -6,7 +6,6 @@ Public: :class:`SeriesTruth`, :data:`DEFAULT_PATIENTS`, :func:`write_hospital_fo
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from preprocessing.atomic import write_bytes_atomic
 from preprocessing.image import pseudonymous_case_id, sanitize_case_id
 from preprocessing.synthetic_dicom import DicomSeriesSpec, stored_values, write_dicom_series
 from preprocessing.synthetic_enhanced import write_enhanced_dicom, write_text_sr
@@ -218,19 +218,12 @@ def _write_non_images(root: Path, seed: int, patients: Sequence[DicomSeriesSpec]
     """A Basic Text SR next to image series, a fake DICOMDIR, a text note and binary junk."""
     sr_spec = patients[0].with_series(series_number=99, series_description="SYNTH REPORT", seed=seed)
     write_text_sr(root / "PAT1/STUDY1/MIXED" / _random_name(seed, "sr"), sr_spec)
-    _write_bytes_atomic(root / "DICOMDIR", b"not a DICOM file: a leftover from a CD export\n")
-    _write_bytes_atomic(
+    write_bytes_atomic(root / "DICOMDIR", b"not a DICOM file: a leftover from a CD export\n")
+    write_bytes_atomic(
         root / "PAT1" / "README.txt", b"Exported by SYNTH PACS. Contains no real patient data.\n"
     )
     junk = np.random.default_rng([seed, 97]).bytes(777)
-    _write_bytes_atomic(root / "PAT2/STUDY1/MR" / _random_name(seed, "junk"), junk)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(root / "PAT2/STUDY1/MR" / _random_name(seed, "junk"), junk)
 
 
 def write_hospital_folder(

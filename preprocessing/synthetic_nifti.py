@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from preprocessing.atomic import atomic_path, write_text_atomic
 from preprocessing.synthetic_phantom import LABEL_NAMES, make_phantom, orientation_affine
 
 logger = logging.getLogger(__name__)
@@ -25,15 +24,8 @@ _QFORM_SHIFT_MM = np.array([12.0, -9.0, 6.0])
 
 def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
     """Save through a temp file in the same folder, then rename: no half-written file is ever visible."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 def write_nifti(
@@ -200,8 +192,6 @@ def write_msd_dataset(
         "numTest": n_test,
     } | entries
     path = root / "dataset.json"
-    tmp = path.with_name(".dataset.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(meta, indent=2))
     logger.info("wrote MSD dataset with %d training and %d test cases to %s", n_train, n_test, root)
     return path
