@@ -29,6 +29,7 @@ import logging
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -269,25 +270,34 @@ def load_bundle(uri_or_dir: str | Path) -> ModelBundle:
         return _read_bundle_folder(resolve_bundle_dir(text, cache_dir=Path(tmp) / "download"))
 
 
-class MedsegPyfuncModel(PythonModel):
-    """MLflow pyfunc wrapper: predicts a label map from an image array and its spacing (module docstring)."""
+# MLflow warns at class creation that ``predict`` lacks type hints; they are left out on purpose
+# (below). MLflow forces its own "once" filter around that check, so a filter cannot silence it;
+# muting the display for the duration of the class statement keeps every importing process quiet.
+_show_warning = warnings.showwarning
+warnings.showwarning = lambda *args, **kwargs: None
+try:
 
-    def load_context(self, context: Any) -> None:
-        self.bundle = _read_bundle_folder(Path(context.artifacts[_ARTIFACT]))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.networks = self.bundle.build_networks(self.device)
+    class MedsegPyfuncModel(PythonModel):
+        """MLflow pyfunc wrapper: predicts a label map from an image array and its spacing (module docstring)."""
 
-    # No type hints on predict: MLflow would turn them into an input schema and reject a dict of arrays.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        from pipeline.predictor import segment_volume
-        from pipeline.sliding_window import InferenceConfig
-        from preprocessing.image import Volume
+        def load_context(self, context: Any) -> None:
+            self.bundle = _read_bundle_folder(Path(context.artifacts[_ARTIFACT]))
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.networks = self.bundle.build_networks(self.device)
 
-        image, affine = _parse_pyfunc_input(model_input)
-        volume = Volume(image, affine, case_id="pyfunc-input", modality=self.bundle.modality)
-        config = InferenceConfig(roi_size=tuple(self.bundle.patch_size), device=self.device)
-        labels, _ = segment_volume(volume, self.networks, self.bundle, config)
-        return labels
+        # No type hints on predict: MLflow would turn them into an input schema and reject a dict of arrays.
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            from pipeline.predictor import segment_volume
+            from pipeline.sliding_window import InferenceConfig
+            from preprocessing.image import Volume
+
+            image, affine = _parse_pyfunc_input(model_input)
+            volume = Volume(image, affine, case_id="pyfunc-input", modality=self.bundle.modality)
+            config = InferenceConfig(roi_size=tuple(self.bundle.patch_size), device=self.device)
+            labels, _ = segment_volume(volume, self.networks, self.bundle, config)
+            return labels
+finally:
+    warnings.showwarning = _show_warning
 
 
 def _parse_pyfunc_input(model_input: Any) -> tuple[np.ndarray, np.ndarray]:

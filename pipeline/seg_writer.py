@@ -96,13 +96,13 @@ def write_dicom_seg(
             f"{(cols, rows, len(frames_in_slice_order))}"
         )
     values = sorted(int(v) for v in label_names)
-    # Stacked-segments array (frames, rows, cols, segments); frame f of the SEG belongs to source
-    # frame f, which holds mask slice frames_in_slice_order.index(f).
-    stacked = np.zeros((len(frames_in_slice_order), rows, cols, len(values)), dtype=np.uint8)
-    for k, frame in enumerate(frames_in_slice_order):
-        plane = mask[:, :, k].T  # (X=cols, Y=rows) -> (rows, cols)
-        for s, value in enumerate(values):
-            stacked[frame, :, :, s] = plane == value
+    # highdicom takes a (frames, rows, cols) array of segment numbers 1..N (0 = none); frame f of
+    # the SEG belongs to source frame f, which holds mask slice k with frames_in_slice_order[k] == f.
+    # Built in one vectorised step: a per-segment one-hot loop costs seconds on a 512x512x400 scan.
+    lut = np.zeros(max(max(values), int(mask.max(initial=0))) + 1, dtype=np.uint8)
+    lut[values] = np.arange(1, len(values) + 1, dtype=np.uint8)
+    stacked = np.empty((len(frames_in_slice_order), rows, cols), dtype=np.uint8)
+    stacked[np.asarray(frames_in_slice_order)] = lut[mask.transpose(2, 1, 0)]
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=stacked,

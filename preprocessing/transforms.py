@@ -222,18 +222,22 @@ def case_to_item(image_paths: tuple, label_path: object) -> dict[str, Any]:
     return {"image": paths[0] if len(paths) == 1 else paths, "label": str(label_path)}
 
 
-def preprocess_for_inference(volume: Volume, plan: Plan) -> tuple[torch.Tensor, np.ndarray]:
+def preprocess_for_inference(
+    volume: Volume, plan: Plan, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, np.ndarray]:
     """Resample ``volume`` to the plan spacing on a RAS-aligned grid and normalise it as training does.
 
     Args:
         volume: ``(C, X, Y, Z)`` image with its RAS affine; any orientation, any spacing.
         plan: the training plan (spacing and per-channel normalisation).
+        device: where to resample and normalise; on "cuda" the source volume is copied to the GPU
+            once and both steps run there (the returned tensor stays on that device).
 
     Returns:
         ``(tensor float32 (C, X', Y', Z'), affine_ras 4x4)`` -- the network-input grid; map results
         back with ``resample_to_grid(..., dst_affine_ras=volume.affine_ras, dst_shape=volume.spatial_shape)``.
     """
     dst_affine, dst_shape = target_grid(volume.affine_ras, volume.spatial_shape, plan.spacing_mm)
-    data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
+    data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).to(device)
     resampled = resample_to_grid(data, volume.affine_ras, dst_affine, dst_shape, mode="linear")
     return normalize_intensity(resampled, plan.normalization), np.asarray(dst_affine, dtype=np.float64)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 EXIT_OK = 0
@@ -90,8 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     # Dask's scheduler and nanny chatter would bury the progress bars; keep its warnings.
-    for noisy in ("distributed", "tornado", "bokeh", "alembic", "mlflow.store", "mlflow.tracking"):
+    for noisy in ("distributed", "tornado", "bokeh", "alembic", "mlflow.store", "mlflow.tracking", "openjpeg"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # MONAI announces on every import that NVIDIA's optional GPU JPEG decoder is absent; pydicom's
+    # own decoders are used instead, which is what we want, so the notice is only noise.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    # The bundle's pyfunc predict takes a dict of arrays on purpose (see pipeline/bundle.py), so
+    # MLflow's advice to add type hints, and its per-file download bars, are noise here.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported lazily so `medseg --help` is instant and a job's heavy imports load only when used.
     if args.command == "ingest":
         from workflows.ingest import ingest_command as command

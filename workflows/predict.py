@@ -133,7 +133,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
             rows.append(read_case_record(config.out_dir, item.case_id))
         else:
             todo.append(item)
-    done_before = sum(1 for r in rows if r.get("status") in ("ok", "skipped") and r.get("kind"))
+    done_before = len(items) - len(todo) - sum(item.status != "ok" for item in items)
     if done_before:
         print(f"resuming: {done_before} case(s) already finished, {len(todo)} to go")
     if not todo:
