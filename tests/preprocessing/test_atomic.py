@@ -23,3 +23,11 @@ def test_failed_write_keeps_old_content_and_cleans_up(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["....nii.gz", "a.b.nii.gz", "scan.nii", "plain"])
+def test_temp_name_keeps_the_format_suffix(tmp_path, name):
+    with atomic_path(tmp_path / name) as tmp:
+        assert tmp.name.endswith(".nii.gz" if name.endswith(".nii.gz") else tmp_path.joinpath(name).suffix)
+        tmp.write_bytes(b"x")
+    assert (tmp_path / name).read_bytes() == b"x"
