@@ -274,7 +274,6 @@ def _stop_group(server: subprocess.Popen) -> None:
         server.poll()
 
 
-@pytest.mark.slow  # the server alone needs ~10-30 s to start on a busy 2-core machine
 def test_against_mlflow_server(tmp_path, tiny_data, mlflow_server):
     argv = [
         "train",
@@ -306,9 +305,20 @@ def test_against_mlflow_server(tmp_path, tiny_data, mlflow_server):
     assert client.get_model_version_by_alias("server-model", "champion").version is not None
     bundle = load_bundle("models:/server-model@champion")
     assert bundle.version == "1" and len(bundle.fold_states) == 1
+    # The batch job fetches the champion over HTTP and logs its own run to the same server.
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.load(str(tiny_data / "imagesTr" / "case_000.nii.gz")), str(scans / "server_case.nii.gz"))
+    out = tmp_path / "pred"
+    argv = ["predict", str(scans), "--model", "models:/server-model@champion", "--out", str(out),
+            "--workers", "1", "--experiment", "server-batch"]
+    assert main(argv) == 0
+    assert (out / "server_case" / "mask.nii.gz").is_file()
+    _, batch_runs, _ = _runs("server-batch")
+    assert len(batch_runs) == 1 and batch_runs[0].data.metrics["cases_ok"] == 1
+    assert batch_runs[0].data.params["model_version"] == "server-model/v1"
 
 
-@pytest.mark.slow
 def test_parallel_folds_on_dask_against_mlflow_server(tmp_path, tiny_data, mlflow_server):
     """Folds as Dask tasks on a 2-worker local cluster, logging to the server from the workers."""
     argv = [
