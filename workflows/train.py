@@ -96,7 +96,11 @@ def load_config_file(
             f"training settings: {sorted(train_fields)}"
         )
     if "augment" in flat:
-        flat["augment"] = replace(train.augment, **flat["augment"])
+        augment_fields = type(train.augment).__dataclass_fields__
+        bad = sorted(set(flat["augment"] or {}) - set(augment_fields))
+        if bad:
+            raise ValueError(f"{path}: unknown augment settings {bad}; valid: {sorted(augment_fields)}")
+        flat["augment"] = replace(train.augment, **(flat["augment"] or {}))
     return with_overrides(plan, plan_keys), replace(train, **flat), dict(post)
 
 

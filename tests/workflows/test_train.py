@@ -397,3 +397,22 @@ def test_unreachable_tracking_server_still_trains_and_exits_4(tmp_path, tiny_dat
     assert "unreachable" in capsys.readouterr().out
     assert (work / "fold_0" / "checkpoint_best.pt").is_file()
     assert load_bundle(work / "bundle").label_names == {1: "liver", 2: "kidney", 3: "lesion"}
+
+
+def test_readme_config_example_is_valid_and_bad_augment_keys_are_clear(tmp_path):
+    """The YAML shown in the README must load; a typo in `augment` is a clear ValueError (exit 2)."""
+    import re
+
+    from pipeline.trainer import TrainConfig
+    from preprocessing.plan import PlanConfig
+    from workflows.train import load_config_file
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = tmp_path / "readme.yaml"
+    example.write_text(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    plan, train, post = load_config_file(example, PlanConfig(), TrainConfig())
+    assert plan.patch_size == (96, 96, 64) and train.optimizer == "sgd" and post == {"largest_component": True}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("augment: {elastic: true}\n")
+    with pytest.raises(ValueError, match="elastic_prob"):
+        load_config_file(bad, PlanConfig(), TrainConfig())
