@@ -299,3 +299,23 @@ def test_killed_batch_leaves_no_partial_outputs_and_resumes(tmp_path, trained_mo
     assert len(after) == sum(t.modality == "CT" for t in truths)
     staging = out / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_predict_on_an_existing_dask_scheduler(tmp_path, trained_model, hospital):
+    """`--scheduler tcp://...` sends the cases to a cluster we did not start, and leaves it running."""
+    from distributed import Client, LocalCluster
+
+    _, _, truths = hospital
+    src = tmp_path / "two"
+    src.mkdir()
+    for i, t in enumerate(t for t in truths if t.kind == "nifti"):
+        write_nifti(t.image, t.affine_ras, src / f"remote_{i}.nii.gz")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        out = tmp_path / "out"
+        code = main(["predict", str(src), "--model", str(trained_model.bundle_dir), "--out", str(out),
+                     "--scheduler", cluster.scheduler_address])
+        assert code == 0
+        with Client(cluster.scheduler_address) as client:  # still up: the job did not close it
+            assert len(client.scheduler_info()["workers"]) == 1
+    cases = pd.read_csv(out / "cases.csv", keep_default_na=False)
+    assert list(cases["status"]) == ["ok"] * len(cases) and len(cases) >= 2
