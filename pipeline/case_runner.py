@@ -20,6 +20,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -49,7 +50,7 @@ class CaseConfig:
         out_dir: batch output folder; the case's folder is ``out_dir/<case_id>``.
         inference: sliding-window settings (device, overlap, TTA...).
         labels_dir: optional reference labels ``<case_id>.nii.gz`` for metrics.
-        save_probabilities: also write ``probabilities.nii.gz`` (float16, K channels).
+        save_probabilities: also write ``probabilities.nii.gz`` ((X, Y, Z, K) float32).
         nsd_tolerance_mm: tolerance of the normalised surface distance.
         torch_threads: intra-op threads per worker (cores / workers on CPU).
     """
@@ -161,10 +162,11 @@ def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, stagi
     if item.kind == "nifti" and len(item.paths) == 1:
         write_mask_like_source(labels, item.paths[0], staging / "mask.nii.gz")
     else:
-        write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.uint8)
+        write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.dtype(np.uint8))
     if probabilities is not None:
         write_nifti_atomic(
-            np.moveaxis(probabilities, 0, -1).astype(np.float16), affine, staging / "probabilities.nii.gz"
+            # (X, Y, Z, K) float32: NIfTI has no float16 type.
+            np.moveaxis(probabilities, 0, -1).astype(np.float32), affine, staging / "probabilities.nii.gz"
         )
     if item.kind == "dicom":
         write_dicom_seg(
@@ -198,7 +200,7 @@ def write_mask_like_source(labels: np.ndarray, source: Path, out_path: Path) -> 
     Viewers differ in which of the two they trust when they disagree; copying both (with their
     codes) makes the mask overlay the image in every viewer, bit for bit.
     """
-    src = nib.load(str(source))
+    src = cast(nib.Nifti1Image, nib.load(str(source)))
     header = src.header.copy()
     header.set_data_dtype(np.uint8)
     header["scl_slope"], header["scl_inter"] = 1.0, 0.0
@@ -211,6 +213,7 @@ def write_mask_like_source(labels: np.ndarray, source: Path, out_path: Path) -> 
 
 
 def _reference_metrics(case_id, labels, volume, bundle, config: CaseConfig) -> dict:
+    assert config.labels_dir is not None  # the caller checks it
     ref_path = Path(config.labels_dir) / f"{case_id}.nii.gz"
     if not ref_path.is_file():
         logger.warning("no reference label for %s in %s", case_id, config.labels_dir)

@@ -91,18 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    # Dask's scheduler and nanny chatter would bury the progress bars; keep its warnings.
-    for noisy in ("distributed", "tornado", "bokeh", "alembic", "mlflow.store", "mlflow.tracking", "openjpeg"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    # MONAI announces on every import that NVIDIA's optional GPU JPEG decoder is absent; pydicom's
-    # own decoders are used instead, which is what we want, so the notice is only noise.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-    # The bundle's pyfunc predict takes a dict of arrays on purpose (see pipeline/bundle.py), so
-    # MLflow's advice to add type hints, and its per-file download bars, are noise here.
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported lazily so `medseg --help` is instant and a job's heavy imports load only when used.
     if args.command == "ingest":
         from workflows.ingest import ingest_command as command
@@ -114,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from workflows.evaluate import evaluate_command as command
     else:
         from workflows.demo import demo_command as command
+    _quiet_libraries(args.verbose)
     try:
         return int(command(args))
     except (ValueError, FileNotFoundError) as exc:
@@ -122,6 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep library chatter out of the way of progress bars (after imports: Dask sets its own levels)."""
+    # Dask's scheduler and nanny chatter would bury the progress bars; keep its warnings.
+    for noisy in ("distributed", "tornado", "bokeh", "alembic", "mlflow.store", "mlflow.tracking", "openjpeg"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # MONAI announces on every import that NVIDIA's optional GPU JPEG decoder is absent; pydicom's
+    # own decoders are used instead, which is what we want, so the notice is only noise.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    # The bundle's pyfunc predict takes a dict of arrays on purpose (see pipeline/bundle.py), so
+    # MLflow's advice to add type hints, and its per-file download bars, are noise here.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 if __name__ == "__main__":

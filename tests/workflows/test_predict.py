@@ -319,3 +319,24 @@ def test_predict_on_an_existing_dask_scheduler(tmp_path, trained_model, hospital
             assert len(client.scheduler_info()["workers"]) == 1
     cases = pd.read_csv(out / "cases.csv", keep_default_na=False)
     assert list(cases["status"]) == ["ok"] * len(cases) and len(cases) >= 2
+
+
+def test_save_probabilities_on_the_source_grid(tmp_path, trained_model, hospital):
+    _, _, truths = hospital
+    good = next(t for t in truths if t.kind == "nifti")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_nifti(good.image, good.affine_ras, src / "prob_case.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", str(src), "--model", str(trained_model.bundle_dir), "--out", str(out),
+                 "--workers", "1", "--save-probabilities"]) == 0
+    probs_img = nib.load(str(out / "prob_case" / "probabilities.nii.gz"))
+    probs = np.asarray(probs_img.dataobj)
+    mask = np.asarray(nib.load(str(out / "prob_case" / "mask.nii.gz")).dataobj)
+    assert probs.shape == (*mask.shape, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(probs_img.affine, good.affine_ras, atol=1e-3)
+    # the mask is the argmax (up to the largest-component clean-up, which only removes voxels)
+    argmax = probs.argmax(axis=-1)
+    kept = mask > 0
+    assert np.array_equal(argmax[kept], mask[kept])
