@@ -321,7 +321,7 @@ def test_predict_on_an_existing_dask_scheduler(tmp_path, trained_model, hospital
     assert list(cases["status"]) == ["ok"] * len(cases) and len(cases) >= 2
 
 
-def test_save_probabilities_on_the_source_grid(tmp_path, trained_model, hospital):
+def test_save_probabilities_with_tta_on_the_source_grid(tmp_path, trained_model, hospital):
     _, _, truths = hospital
     good = next(t for t in truths if t.kind == "nifti")
     src = tmp_path / "src"
@@ -329,7 +329,7 @@ def test_save_probabilities_on_the_source_grid(tmp_path, trained_model, hospital
     write_nifti(good.image, good.affine_ras, src / "prob_case.nii.gz")
     out = tmp_path / "out"
     assert main(["predict", str(src), "--model", str(trained_model.bundle_dir), "--out", str(out),
-                 "--workers", "1", "--save-probabilities"]) == 0
+                 "--workers", "1", "--save-probabilities", "--tta", "--overlap", "0.25"]) == 0
     probs_img = nib.load(str(out / "prob_case" / "probabilities.nii.gz"))
     probs = np.asarray(probs_img.dataobj)
     mask = np.asarray(nib.load(str(out / "prob_case" / "mask.nii.gz")).dataobj)
