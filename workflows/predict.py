@@ -138,11 +138,13 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         print(f"resuming: {done_before} case(s) already finished, {len(todo)} to go")
     if not todo:
         return rows
-    workers = config.workers
-    resources = None
-    if config.device == "cuda" and config.scheduler is None:
-        workers = max(1, gpu_count())  # one inference worker per GPU
-        resources = {"GPU": 1}
+    on_gpu = config.device == "cuda"
+    # One inference worker per GPU: local GPU workers advertise GPU=1, remote ones are started with
+    # `dask worker ... --resources GPU=1` (README), and every case asks for one.
+    resources = {"GPU": 1} if on_gpu else None
+    workers = max(1, gpu_count()) if on_gpu and config.scheduler is None else config.workers
+    # CPU threads per local worker: share this machine's cores; a remote worker keeps its own setting.
+    threads = None if on_gpu or config.scheduler else max(1, (os.cpu_count() or 1) // max(1, workers or 1))
     case_config = CaseConfig(
         bundle_dir=str(bundle_dir),
         out_dir=str(config.out_dir),
@@ -151,9 +153,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         save_probabilities=config.save_probabilities,
-        torch_threads=max(1, (os.cpu_count() or 1) // max(1, workers or 1))
-        if config.device == "cpu"
-        else None,
+        torch_threads=threads,
     )
     with dask_client(workers=workers, scheduler=config.scheduler, resources=resources) as client:
         futures = [
@@ -163,7 +163,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
                 case_config,
                 key=f"case-{item.case_id}",
                 pure=False,
-                resources=resources if config.scheduler is None else None,
+                resources=resources,
             )
             for item in todo
         ]
