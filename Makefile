@@ -31,6 +31,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline networks preprocessing workflows tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -10,6 +10,7 @@ Written by us: MONAI's ``AttentionUnet`` lacks the multi-scale input and deep su
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,8 @@ class AttentionCoefficients(nn.Module):
     def __init__(self, skip_channels: int, gating_channels: int, stride: Sequence[int]) -> None:
         super().__init__()
         inter = max(skip_channels // 2, 1)
-        self.theta_x = nn.Conv3d(skip_channels, inter, tuple(stride), tuple(stride), bias=False)
+        step = cast(tuple[int, int, int], tuple(stride))
+        self.theta_x = nn.Conv3d(skip_channels, inter, step, step, bias=False)
         self.phi_g = nn.Conv3d(gating_channels, inter, 1, bias=True)
         self.psi = nn.Conv3d(inter, 1, 1, bias=True)
 

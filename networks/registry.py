@@ -123,7 +123,8 @@ def required_divisor(name: str, **options: object) -> tuple[int, int, int]:
         return spec.fixed_divisor
     with torch.device("meta"):
         net = build_network(name, 1, 2, **options)
-    return tuple(net.min_input_divisor)  # type: ignore[return-value]
+    # nn.Module types attributes it does not know as Tensor | Module; the builders set a tuple of ints.
+    return tuple(net.min_input_divisor)  # type: ignore[arg-type]
 
 
 def _spec(name: str) -> NetworkSpec:

@@ -99,7 +99,8 @@ def build_swin_unetr(
         use_v2=use_v2,
         spatial_dims=3,
     )
-    net.min_input_divisor = (SWIN_DIVISOR,) * 3
+    # nn.Module.__setattr__ is typed for Tensor | Module values only; plain attributes are fine at run time.
+    net.min_input_divisor = (SWIN_DIVISOR,) * 3  # type: ignore[assignment]
     return net
 
 

@@ -140,7 +140,7 @@ class UNet(DynUNet):
         )
         self.min_input_divisor: Triple = _divisor(strides)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         out = self.output_block(self.skip_layers(x))
         if self.training and self.deep_supervision:
             # heads[i] is filled by the skip layer i + 1 levels below full resolution.

@@ -78,6 +78,7 @@ def build_unetr(
     for name, param in net.named_parameters():
         if "norm_cross_attn" in name:
             param.requires_grad_(False)
-    net.min_input_divisor = (UNETR_PATCH,) * 3
-    net.fixed_input_size = size
+    # nn.Module.__setattr__ is typed for Tensor | Module values only; plain attributes are fine at run time.
+    net.min_input_divisor = (UNETR_PATCH,) * 3  # type: ignore[assignment]
+    net.fixed_input_size = size  # type: ignore[assignment]
     return net

@@ -145,7 +145,7 @@ def _focus(mask: np.ndarray, label_names: Mapping[int, str]) -> tuple[int, int, 
     counts = {v: int(np.count_nonzero(mask == v)) for v in label_names}
     largest = max(counts, key=counts.__getitem__, default=None)
     if largest is None or counts[largest] == 0:
-        return tuple(s // 2 for s in mask.shape)  # type: ignore[return-value]
+        return tuple(s // 2 for s in mask.shape)
     centroid = np.argwhere(mask == largest).mean(axis=0)
     return tuple(int(round(c)) for c in centroid)  # type: ignore[return-value]
 

@@ -175,7 +175,7 @@ def predict_probabilities(
         raise ValueError(f"predict_probabilities expects (C, X, Y, Z); got shape {tuple(image.shape)}")
     if not networks:
         raise ValueError("predict_probabilities needs at least one network")
-    mirrors = list(MIRROR_AXES) if config.tta else [()]
+    mirrors: list[tuple[int, ...]] = list(MIRROR_AXES) if config.tta else [()]
     n_passes = len(networks) * len(mirrors)
     with _eval_mode(networks), torch.no_grad():
         if n_passes == 1 or config.batch_passes:
@@ -384,7 +384,8 @@ class _Accumulator:
                 # Weight on the compute device, one D2H copy per pass and batch, add on the host.
                 out = (out[: len(entries)].float() * self.importance_dev).to("cpu", self.out.dtype)
             for i, (b, start) in enumerate(entries):
-                region = self.out[(b, slice(p * k, (p + 1) * k), *_window(start, roi))]
+                index: tuple[int | slice, ...] = (b, slice(p * k, (p + 1) * k), *_window(start, roi))
+                region = self.out[index]
                 if self.host:
                     region += out[i]
                 else:

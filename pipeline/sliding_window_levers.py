@@ -97,7 +97,8 @@ def prepare_network(net: nn.Module, *, fold_batchnorm: bool, channels_last: bool
     prepared = fold_batchnorm_into_convs(net) if fold_batchnorm else net
     if channels_last:
         prepared = copy.deepcopy(prepared) if prepared is net else prepared
-        prepared.to(memory_format=torch.channels_last_3d)
+        # Module.to accepts memory_format at run time; torch's typed overloads leave it out.
+        prepared.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     prepared.eval()
     _PREPARED[net] = (key, None if prepared is net else prepared)
     return prepared
@@ -130,7 +131,7 @@ def fold_batchnorm_into_convs(net: nn.Module) -> nn.Module:
         bn = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(bn, _BNS) or not bn.track_running_stats or bn.running_mean is None:
             continue
-        src = node.args[0] if node.args else None
+        src: Any = node.args[0] if node.args else None  # an fx Node when it is a call_module (checked below)
         conv = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
         if not isinstance(conv, _CONVS) or len(src.users) != 1:
             continue
@@ -191,9 +192,12 @@ class WindowFeeder:
 
     def _gather(self, entries: list[Entry], buf: torch.Tensor) -> torch.Tensor:
         for i, (b, s) in enumerate(entries):
-            buf[i].copy_(
-                self.image[(b, slice(None), *(slice(a, a + r) for a, r in zip(s, self.roi, strict=True)))]
+            index: tuple[int | slice, ...] = (
+                b,
+                slice(None),
+                *(slice(a, a + r) for a, r in zip(s, self.roi, strict=True)),
             )
+            buf[i].copy_(self.image[index])
         return buf if self.fixed else buf[: len(entries)]
 
     def __iter__(self) -> Iterator[tuple[list[Entry], torch.Tensor]]:
@@ -219,25 +223,30 @@ class WindowFeeder:
 
         def issue(i: int) -> None:
             slot = i % 2
-            if copied[slot] is not None:
-                copied[slot].synchronize()  # the pinned buffer is free again
+            done_copy, done_use = copied[slot], used[slot]
+            if done_copy is not None:
+                done_copy.synchronize()  # the pinned buffer is free again
             self._gather(self.batches[i], host[slot])
             with torch.cuda.stream(copy_stream):
-                if used[slot] is not None:
-                    copy_stream.wait_event(used[slot])  # the device buffer was consumed
+                if done_use is not None:
+                    copy_stream.wait_event(done_use)  # the device buffer was consumed
                 dev[slot].copy_(host[slot], non_blocking=True)
-                copied[slot] = torch.cuda.Event()
-                copied[slot].record(copy_stream)
+                event = torch.cuda.Event()
+                event.record(copy_stream)
+                copied[slot] = event
 
         issue(0)
         for i, entries in enumerate(self.batches):
             if i + 1 < len(self.batches):
                 issue(i + 1)
             slot = i % 2
-            torch.cuda.current_stream(self.device).wait_event(copied[slot])
+            ready = copied[slot]
+            assert ready is not None  # issue(i) recorded it
+            torch.cuda.current_stream(self.device).wait_event(ready)
             yield entries, dev[slot] if self.fixed else dev[slot][: len(entries)]
-            used[slot] = torch.cuda.Event()
-            used[slot].record(torch.cuda.current_stream(self.device))
+            consumed = torch.cuda.Event()
+            consumed.record(torch.cuda.current_stream(self.device))
+            used[slot] = consumed
 
 
 class NetworkRunner:

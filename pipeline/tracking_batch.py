@@ -114,6 +114,7 @@ def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             for name in ("cases.csv", "failures.csv", "summary.json"):
                 run.log_artifact(tmp / name)
+            assert run.run_id is not None  # start_run returns a tracker bound to the new run
             run.client.log_table(run.run_id, data=safe, artifact_file="cases.json")
             _log_qc_pictures(run, table, out, tmp, qc_sample)
         status = "FINISHED"

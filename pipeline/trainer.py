@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class _Loop:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
     epoch: int = 0  # epochs finished
@@ -252,7 +252,7 @@ def train_fold(
     elif resume:
         logger.info("fold %d: no checkpoint in %s, starting at epoch 1", data.fold, work)
     inference = InferenceConfig(
-        roi_size=tuple(plan.patch_size),
+        roi_size=cast(tuple[int, int, int], tuple(plan.patch_size)),
         overlap=config.val_overlap,
         sw_batch_size=config.val_sw_batch_size,
         device=config.device,
@@ -288,7 +288,7 @@ def train_fold(
 
 def _seed_augmentation(dataset: Dataset, seed: int) -> None:
     """Reseed every random transform per epoch, so a resumed run draws the same augmentations."""
-    transform = getattr(dataset, "transform", None)
+    transform: Any = getattr(dataset, "transform", None)
     if hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed % (2**32))
 

@@ -157,7 +157,7 @@ def rescale_stack(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -
     ):
         lo, hi = float(raw.min()), float(raw.max())
         ends = np.concatenate([lo * slopes + intercepts, hi * slopes + intercepts])
-        dtype = np.int16 if ends.min() >= -32768 and ends.max() <= 32767 else np.int32
+        dtype: type[np.number] = np.int16 if ends.min() >= -32768 and ends.max() <= 32767 else np.int32
         if ends.min() < np.iinfo(np.int32).min or ends.max() > np.iinfo(np.int32).max:
             dtype = np.float64
         out = raw if raw.dtype == dtype else raw.astype(dtype)  # in place when possible: saves a volume

@@ -70,6 +70,7 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
         intercepts.append(float(source.get("RescaleIntercept", 0) or 0))
     check_same(orientations, "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
     check_same(spacings, "PixelSpacing", atol=SPACING_TOL_MM)
+    assert measures is not None  # set (and checked) by the loop over at least one frame
     thickness = measures.get("SliceThickness") or measures.get("SpacingBetweenSlices") or 1.0
     geometry = stack_geometry(
         np.array(positions),

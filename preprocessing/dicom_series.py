@@ -13,6 +13,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -139,7 +140,7 @@ def _slice_header(ds: Dataset, path: Path) -> dict:
     Decimal strings are parsed from the raw element bytes (:func:`_decimals`): pydicom's
     generic element conversion costs more per slice than decoding its pixels.
     """
-    header = {
+    header: dict[str, Any] = {
         "ipp": _decimals(ds, _TAG_IPP),
         "iop": _decimals(ds, _TAG_IOP),
         "spacing": _decimals(ds, _TAG_SPACING),

@@ -168,6 +168,7 @@ def _read_headers(paths: list[Path], processes: int | None) -> list[_DicomHeader
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     # fork shares the already imported pydicom (importing it costs ~0.5-1.5 s per process), but
     # forking a process that runs other threads can deadlock the child: use forkserver then.
+    context: multiprocessing.context.BaseContext
     if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")
     else:

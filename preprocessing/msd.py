@@ -17,6 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -198,7 +199,7 @@ def validate_case(case: MsdCase, dataset: MsdDataset) -> None:
     Raises:
         DatasetError: naming the case and the mismatch.
     """
-    label_img = nib.load(str(case.label_path))
+    label_img = cast(nib.Nifti1Image, nib.load(str(case.label_path)))
     label_shape = tuple(int(s) for s in label_img.shape[:3])
     if len(label_img.shape) > 3 and int(np.prod(label_img.shape[3:])) != 1:
         raise DatasetError(
@@ -206,7 +207,7 @@ def validate_case(case: MsdCase, dataset: MsdDataset) -> None:
         )
     n_channels = 0
     for path in case.image_paths:
-        img = nib.load(str(path))
+        img = cast(nib.Nifti1Image, nib.load(str(path)))
         shape = tuple(int(s) for s in img.shape[:3])
         n_channels += int(np.prod(img.shape[3:])) if len(img.shape) > 3 else 1
         if shape != label_shape:
@@ -240,13 +241,13 @@ def load_case_arrays(case: MsdCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         ``(image float32 (C, X, Y, Z), label uint8 (X, Y, Z), affine_ras 4x4 float64)``; intensities
         as stored after NIfTI scaling (CT in HU).
     """
-    channels = []
+    channels: list[np.ndarray] = []
     affine = None
     for path in case.image_paths:
-        img = nib.load(str(path))
+        img = cast(nib.Nifti1Image, nib.load(str(path)))
         data = np.asarray(img.dataobj, dtype=np.float32)
         affine = img.affine if affine is None else affine
         channels.extend([data] if data.ndim == 3 else np.moveaxis(data.reshape(*data.shape[:3], -1), -1, 0))
-    label = np.asarray(nib.load(str(case.label_path)).dataobj)
+    label = np.asarray(cast(nib.Nifti1Image, nib.load(str(case.label_path))).dataobj)
     label = np.rint(label).astype(np.uint8).reshape(label.shape[:3])
     return np.stack(channels).astype(np.float32), label, np.asarray(affine, dtype=np.float64)

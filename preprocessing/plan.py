@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -181,14 +181,15 @@ def fingerprint_dataset(dataset: MsdDataset, config: PlanConfig = PlanConfig()) 
     under the label (> 0) per case, taken on the original grid (as nnU-Net does).
     """
     rng = np.random.default_rng(config.seed)
-    spacings, shapes = [], []
+    spacings: list[tuple[float, float, float]] = []
+    shapes: list[tuple[int, int, int]] = []
     samples: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
     for case in dataset.cases:
         image, label, affine = load_case_arrays(case)
         order = _ras_order(affine)
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        spacings.append(tuple(float(spacing[i]) for i in order))
-        shapes.append(tuple(int(label.shape[i]) for i in order))
+        spacings.append(cast(tuple[float, float, float], tuple(float(spacing[i]) for i in order)))
+        shapes.append(cast(tuple[int, int, int], tuple(int(label.shape[i]) for i in order)))
         fg = np.flatnonzero(label > 0)
         if fg.size:
             pick = rng.choice(fg, size=min(fg.size, config.foreground_samples_per_case), replace=False)
@@ -321,5 +322,5 @@ def with_overrides(config: PlanConfig, overrides: dict[str, Any]) -> PlanConfig:
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown plan settings {sorted(unknown)}; known: {sorted(known)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    fixed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return replace(config, **fixed)

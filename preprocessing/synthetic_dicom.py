@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -104,7 +105,7 @@ class DicomSeriesSpec:
         """Deterministic SOPInstanceUID of instance ``index`` (0-based) of this series."""
         return generate_uid(entropy_srcs=[str(self.series_uid), str(index), "sop"])
 
-    def with_series(self, series_number: int, series_description: str, **changes: object) -> DicomSeriesSpec:
+    def with_series(self, series_number: int, series_description: str, **changes: Any) -> DicomSeriesSpec:
         """A spec for another series of the same study and patient (new series UID)."""
         return replace(
             self,
@@ -112,7 +113,7 @@ class DicomSeriesSpec:
             series_description=series_description,
             series_uid=None,
             **changes,
-        )  # type: ignore[arg-type]
+        )
 
 
 def affine_to_dicom_geometry(affine_ras: np.ndarray) -> dict[str, np.ndarray | list[float] | float]:
@@ -305,13 +306,13 @@ def write_dicom_series(
         ds.FrameOfReferenceUID = spec.frame_of_reference_uid
         ds.PositionReferenceIndicator = ""
         ds.InstanceNumber = int(numbers[k])
-        ipp = geo["affine_lps"] @ np.array([0.0, 0.0, float(k), 1.0])  # type: ignore[operator]
+        ipp = geo["affine_lps"] @ np.array([0.0, 0.0, float(k), 1.0])
         ds.ImagePositionPatient = [format_decimal_string(v) for v in ipp[:3]]
         ds.ImageOrientationPatient = [format_decimal_string(v) for v in geo["iop"]]  # type: ignore[union-attr]
         ds.PixelSpacing = [format_decimal_string(v) for v in geo["pixel_spacing"]]  # type: ignore[union-attr]
         ds.SliceThickness = format_decimal_string(abs(geo["slice_step"]))  # type: ignore[arg-type]
         ds.SpacingBetweenSlices = format_decimal_string(abs(geo["slice_step"]))  # type: ignore[arg-type]
-        ds.SliceLocation = format_decimal_string(float(np.dot(ipp[:3], geo["normal"])))  # type: ignore[arg-type]
+        ds.SliceLocation = format_decimal_string(float(np.dot(ipp[:3], geo["normal"])))
         _rescale_attributes(ds, spec)
         ds.WindowCenter = format_decimal_string(spec.window_center)
         ds.WindowWidth = format_decimal_string(spec.window_width)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.uid import UID
 
 from preprocessing.synthetic_dicom import (
     DicomSeriesSpec,
@@ -97,7 +98,7 @@ def write_bad_localizer_in_series(
     loc_spec = replace(spec, series_description="LOCALIZER", shuffle_names=False)
     (loc_path,) = write_dicom_series(image, affine, loc_dir, loc_spec)
     ds = pydicom.dcmread(loc_path)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = spec.instance_uid(10_000)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(spec.instance_uid(10_000))
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.InstanceNumber = shape[2] + 1
     final = save_dataset(ds, Path(out_dir) / "localizer")

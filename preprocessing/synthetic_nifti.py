@@ -65,7 +65,8 @@ def write_nifti(
 
 def _case_layout(n_train: int, with_patients: bool) -> list[int]:
     """Patient index of each training case: every other patient has two cases when ``with_patients``."""
-    patients, p = [], 0
+    patients: list[int] = []
+    p = 0
     while len(patients) < n_train:
         repeats = 2 if (with_patients and p % 2 == 0) else 1
         patients.extend([p] * repeats)

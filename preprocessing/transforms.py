@@ -17,8 +17,9 @@ Inference does not use MONAI's loaders: :func:`preprocess_for_inference` takes a
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -116,7 +117,8 @@ class NormalizeIntensityByPland(MapTransform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):
+        # MONAI annotates data as Mapping[Hashable, Any]; a str-keyed dict is what it iterates at run time.
+        for key in self.key_iterator(cast(Mapping[Hashable, Any], d)):
             image = d[key]
             normalized = normalize_intensity(torch.as_tensor(image), self.normalization)
             if hasattr(image, "copy_meta_from"):

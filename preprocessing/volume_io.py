@@ -11,6 +11,7 @@ import gzip
 import logging
 import os
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -60,7 +61,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        img = nib.load(os.fspath(path))
+        img = cast(nib.Nifti1Image, nib.load(os.fspath(path)))
         # dataobj applies scl_slope/scl_inter exactly as nibabel documents (float only when scaled).
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
