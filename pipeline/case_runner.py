@@ -166,7 +166,9 @@ def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, stagi
     if probabilities is not None:
         write_nifti_atomic(
             # (X, Y, Z, K) float32: NIfTI has no float16 type.
-            np.moveaxis(probabilities, 0, -1).astype(np.float32), affine, staging / "probabilities.nii.gz"
+            np.moveaxis(probabilities, 0, -1).astype(np.float32),
+            affine,
+            staging / "probabilities.nii.gz",
         )
     if item.kind == "dicom":
         write_dicom_seg(

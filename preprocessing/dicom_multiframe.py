@@ -51,6 +51,8 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
     n_frames = int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame))
     if len(per_frame) != n_frames:
         raise IngestError(f"{path}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
+    if n_frames < 1:
+        raise IngestError(f"{path}: enhanced object has no frames")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
     shared_item = shared[0] if shared else Dataset()
@@ -70,7 +72,7 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
         intercepts.append(float(source.get("RescaleIntercept", 0) or 0))
     check_same(orientations, "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
     check_same(spacings, "PixelSpacing", atol=SPACING_TOL_MM)
-    assert measures is not None  # set (and checked) by the loop over at least one frame
+    assert measures is not None  # n_frames >= 1 was checked, and the loop checks every frame
     thickness = measures.get("SliceThickness") or measures.get("SpacingBetweenSlices") or 1.0
     geometry = stack_geometry(
         np.array(positions),

@@ -157,3 +157,25 @@ def test_two_large_stacks_in_one_series_are_rejected(tmp_path):
     items = discover_sources(tmp_path)
     assert len(items) == 1 and items[0].status == "error"
     assert "mixed orientations: 2 different ImageOrientationPatient stacks (8, 8 slices)" in items[0].reason
+
+
+def test_enhanced_object_without_frames_is_a_clear_error(tmp_path):
+    from pydicom.sequence import Sequence
+
+    from preprocessing.dicom_multiframe import read_multiframe
+    from preprocessing.synthetic import (
+        DicomSeriesSpec,
+        make_phantom,
+        orientation_affine,
+        write_enhanced_dicom,
+    )
+
+    image, _ = make_phantom((32, 32, 4), (1.0, 1.0, 2.0))
+    path = write_enhanced_dicom(image, orientation_affine("axial", (1.0, 1.0, 2.0), shape=(32, 32, 4)),
+                                tmp_path / "enh.dcm", DicomSeriesSpec())
+    ds = pydicom.dcmread(path)
+    ds.PerFrameFunctionalGroupsSequence = Sequence([])
+    ds.NumberOfFrames = 0
+    ds.save_as(path)
+    with pytest.raises(IngestError, match="no frames"):
+        read_multiframe(pydicom.dcmread(path), path)
