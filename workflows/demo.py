@@ -121,6 +121,9 @@ def demo_command(args: argparse.Namespace) -> int:
     _step(5, "medseg evaluate")
     code = medseg(["evaluate", str(predictions), str(truth), "--out", str(out / "metrics.csv")])
     _check(code, "evaluate", allowed=(0, 3))
+    if code == 3:
+        print("  (the error row is the MR series: it has a reference label but no prediction, since the"
+              " CT model skipped it on purpose)")
 
     _print_summary(out, predictions, time.perf_counter() - t0)
     return 0
