@@ -122,8 +122,8 @@ def demo_command(args: argparse.Namespace) -> int:
     code = medseg(["evaluate", str(predictions), str(truth), "--out", str(out / "metrics.csv")])
     _check(code, "evaluate", allowed=(0, 3))
     if code == 3:
-        print("  (the error row is the MR series: it has a reference label but no prediction, since the"
-              " CT model skipped it on purpose)")
+        print("  (error rows are references without a prediction; here that is expected for the MR"
+              " series, which the CT model skips on purpose -- see predictions/cases.csv)")
 
     _print_summary(out, predictions, time.perf_counter() - t0)
     return 0
