@@ -24,6 +24,7 @@ the input grid.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -165,6 +166,23 @@ def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
     }
     write_text_atomic(out / "bundle.json", json.dumps(meta, indent=2))
     return out
+
+
+def bundle_fingerprint(folder: str | Path) -> str:
+    """A short hash of a bundle folder's content (plan, metadata, every fold's weights).
+
+    Batch outputs record it, so a rerun with a different model redoes cases instead of keeping
+    masks another model made. Hashing the weights, not the registry name, also catches a folder
+    bundle that was overwritten in place.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted([folder / "bundle.json", folder / "plan.json", *folder.glob("fold_*.pt")]):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _read_bundle_folder(folder: Path) -> ModelBundle:

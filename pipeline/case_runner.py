@@ -53,6 +53,8 @@ class CaseConfig:
         save_probabilities: also write ``probabilities.nii.gz`` ((X, Y, Z, K) float32).
         nsd_tolerance_mm: tolerance of the normalised surface distance.
         torch_threads: intra-op threads per worker (cores / workers on CPU).
+        model_fingerprint: ``bundle_fingerprint`` of the model; recorded per case so a rerun
+            with another model redoes the case.
     """
 
     bundle_dir: str
@@ -62,27 +64,37 @@ class CaseConfig:
     save_probabilities: bool = False
     nsd_tolerance_mm: float = 2.0
     torch_threads: int | None = None
+    model_fingerprint: str = ""
 
 
-_MODEL_CACHE: dict[tuple[str, str], tuple[ModelBundle, list]] = {}
+_MODEL_CACHE: dict[tuple[str, str, str], tuple[ModelBundle, list]] = {}
 
 
-def _cached_model(bundle_dir: str, device: str) -> tuple[ModelBundle, list]:
+def _cached_model(bundle_dir: str, device: str, fingerprint: str) -> tuple[ModelBundle, list]:
     """The bundle and its fold networks, loaded once per worker process."""
-    key = (bundle_dir, device)
+    # The fingerprint is part of the key: on a long-lived remote worker the same download folder
+    # can hold a newer model version in a later batch.
+    key = (bundle_dir, device, fingerprint)
     if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model per worker process at a time
         bundle = load_bundle(bundle_dir)
         _MODEL_CACHE[key] = (bundle, bundle.build_networks(device))
         logger.info("loaded model bundle %s on %s (pid %d)", bundle_dir, device, os.getpid())
     return _MODEL_CACHE[key]
 
 
-def case_is_done(out_dir: Path, case_id: str) -> bool:
-    """True when a previous run finished this case (ok or deliberately skipped).
+def case_is_done(out_dir: Path, case_id: str, model_fingerprint: str = "") -> bool:
+    """True when a previous run finished this case (ok or deliberately skipped) with this model.
 
-    Failed cases publish no folder, so a rerun retries them.
+    Failed cases publish no folder, so a rerun retries them; a case finished by a different
+    model (another ``model_fingerprint``) counts as not done, so its outputs are replaced.
     """
-    return (Path(out_dir) / case_id / CASE_RECORD).is_file()
+    record = Path(out_dir) / case_id / CASE_RECORD
+    if not record.is_file():
+        return False
+    return (
+        not model_fingerprint or json.loads(record.read_text()).get("model_fingerprint") == model_fingerprint
+    )
 
 
 def read_case_record(out_dir: Path, case_id: str) -> dict:
@@ -114,6 +126,7 @@ def run_case(item: SourceItem, config: CaseConfig) -> dict:
         "kind": item.kind,
         "status": "ok",
         "reason": "",
+        "model_fingerprint": config.model_fingerprint,
     }
     staging = Path(config.out_dir) / STAGING / f"{item.case_id}.{os.getpid()}"
     try:
@@ -121,7 +134,7 @@ def run_case(item: SourceItem, config: CaseConfig) -> dict:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        bundle, networks = _cached_model(config.bundle_dir, config.inference.device)
+        bundle, networks = _cached_model(config.bundle_dir, config.inference.device, config.model_fingerprint)
         volume = load_source_item(item)
         skip_reason = _incompatibility(volume, bundle)
         if skip_reason:
@@ -242,9 +255,13 @@ def _publish(row: dict, staging: Path, out_dir: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CASE_RECORD).write_text(json.dumps(row, indent=1, default=_json_default))
     final = out_dir / row["case_id"]
-    if final.exists():  # a forced rerun of a finished case: replace it whole
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    if final.exists():  # made by another model: move it aside, put the new one in, then delete it
+        stale = staging.with_name(staging.name + ".old")
+        os.replace(final, stale)
+        os.replace(staging, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(staging, final)
 
 
 def _json_default(value):

@@ -19,7 +19,7 @@ import pandas as pd
 from distributed import as_completed
 from tqdm import tqdm
 
-from pipeline.bundle import ModelBundleError, load_bundle, resolve_bundle_dir
+from pipeline.bundle import ModelBundleError, bundle_fingerprint, load_bundle, resolve_bundle_dir
 from pipeline.case_runner import CaseConfig, case_is_done, clean_staging, read_case_record, run_case
 from pipeline.metrics import summarize_metrics
 from pipeline.sliding_window import InferenceConfig
@@ -126,16 +126,20 @@ def run_predict(config: PredictConfig) -> int:
 def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[dict]:
     rows: list[dict] = []
     todo: list[SourceItem] = []
+    fingerprint = bundle_fingerprint(bundle_dir)
     for item in items:
         if item.status != "ok":
             rows.append(_discovery_row(item))
-        elif case_is_done(config.out_dir, item.case_id):
+        elif case_is_done(config.out_dir, item.case_id, fingerprint):
             rows.append(read_case_record(config.out_dir, item.case_id))
         else:
             todo.append(item)
     done_before = len(items) - len(todo) - sum(item.status != "ok" for item in items)
     if done_before:
         print(f"resuming: {done_before} case(s) already finished, {len(todo)} to go")
+    stale = sum(case_is_done(config.out_dir, item.case_id) for item in todo)
+    if stale:
+        print(f"{stale} finished case(s) were made by another model; they will be redone")
     if not todo:
         return rows
     on_gpu = config.device == "cuda"
@@ -154,6 +158,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         save_probabilities=config.save_probabilities,
         torch_threads=threads,
+        model_fingerprint=fingerprint,
     )
     with dask_client(workers=workers, scheduler=config.scheduler, resources=resources) as client:
         futures = [

@@ -340,3 +340,34 @@ def test_save_probabilities_with_tta_on_the_source_grid(tmp_path, trained_model,
     argmax = probs.argmax(axis=-1)
     kept = mask > 0
     assert np.array_equal(argmax[kept], mask[kept])
+
+
+def test_rerun_with_another_model_redoes_cases(tmp_path, trained_model, hospital, capsys):
+    """Resume keys on the model too: another bundle's masks are replaced, not silently kept."""
+    import shutil
+
+    import torch
+
+    _, _, truths = hospital
+    good = next(t for t in truths if t.kind == "nifti")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_nifti(good.image, good.affine_ras, src / "model_case.nii.gz")
+    other = tmp_path / "other_bundle"
+    shutil.copytree(trained_model.bundle_dir, other)
+    state = torch.load(other / "fold_0.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 0.01
+    torch.save(state, other / "fold_0.pt")
+    out = tmp_path / "out"
+    argv = ["predict", str(src), "--out", str(out), "--workers", "1", "--model"]
+    assert main([*argv, str(trained_model.bundle_dir)]) == 0
+    first = json.loads((out / "model_case" / "case.json").read_text())
+    assert main([*argv, str(other)]) == 0
+    second = json.loads((out / "model_case" / "case.json").read_text())
+    assert second["model_fingerprint"] != first["model_fingerprint"]
+    assert "made by another model" in capsys.readouterr().out
+    mtime = (out / "model_case" / "mask.nii.gz").stat().st_mtime_ns
+    assert main([*argv, str(other)]) == 0  # same model again: nothing to redo
+    assert (out / "model_case" / "mask.nii.gz").stat().st_mtime_ns == mtime
+    assert not (out / ".staging").exists() or not any((out / ".staging").iterdir())
