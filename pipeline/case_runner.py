@@ -3,6 +3,11 @@
 Called on Dask workers by ``workflows/predict.py`` (this module knows nothing of Dask). The model
 is loaded once per worker process and cached here, not once per case.
 
+The case is three stages, ``read_case`` -> ``segment_case`` -> ``write_case`` (``run_case`` chains
+them), so a batch engine can run them as separate tasks: on a GPU worker the next case is read
+and the previous one written while the current one holds the GPU. A stage never raises for a
+bad case: it marks the row as an error and the later stages pass it through.
+
 Atomicity: every output of a case is written into a private staging folder
 ``OUT/.staging/<case_id>.<pid>/`` and the folder is renamed to ``OUT/<case_id>/`` as the very
 last step. A rename of a directory is atomic on POSIX file systems, so a case folder either exists
@@ -16,9 +21,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -33,6 +40,7 @@ from pipeline.seg_writer import write_dicom_seg
 from pipeline.sliding_window import InferenceConfig
 from preprocessing.atomic import atomic_path
 from preprocessing.discovery import SourceItem
+from preprocessing.image import Volume
 from preprocessing.volume_io import load_source_item, read_volume, write_nifti_atomic
 
 logger = logging.getLogger(__name__)
@@ -67,7 +75,28 @@ class CaseConfig:
     model_fingerprint: str = ""
 
 
+@dataclass
+class CaseWork:
+    """One case between stages: its row so far and, while it is in flight, its arrays.
+
+    Lives in the memory of the worker that made it (the batch engine passes it from task to task);
+    it never goes to disk or to MLflow.
+    """
+
+    item: SourceItem
+    row: dict
+    volume: Volume | None = None
+    labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed_or_skipped(self) -> bool:
+        return self.row["status"] != "ok"
+
+
 _MODEL_CACHE: dict[tuple[str, str, str], tuple[ModelBundle, list]] = {}
+_MODEL_LOCK = threading.Lock()  # a multi-threaded (GPU) worker must not load the model twice
 
 
 def _cached_model(bundle_dir: str, device: str, fingerprint: str) -> tuple[ModelBundle, list]:
@@ -75,12 +104,13 @@ def _cached_model(bundle_dir: str, device: str, fingerprint: str) -> tuple[Model
     # The fingerprint is part of the key: on a long-lived remote worker the same download folder
     # can hold a newer model version in a later batch.
     key = (bundle_dir, device, fingerprint)
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()  # one model per worker process at a time
-        bundle = load_bundle(bundle_dir)
-        _MODEL_CACHE[key] = (bundle, bundle.build_networks(device))
-        logger.info("loaded model bundle %s on %s (pid %d)", bundle_dir, device, os.getpid())
-    return _MODEL_CACHE[key]
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE.clear()  # one model per worker process at a time
+            bundle = load_bundle(bundle_dir)
+            _MODEL_CACHE[key] = (bundle, bundle.build_networks(device))
+            logger.info("loaded model bundle %s on %s (pid %d)", bundle_dir, device, os.getpid())
+        return _MODEL_CACHE[key]
 
 
 def case_is_done(out_dir: Path, case_id: str, model_fingerprint: str = "") -> bool:
@@ -116,10 +146,15 @@ def run_case(item: SourceItem, config: CaseConfig) -> dict:
     """Segment one case and write its outputs; never raises for a bad case.
 
     Returns:
-        The case's row: ``case_id, source, status (ok|error|skipped), reason, seconds``, volume per
-        label in mL (``vol_<label>_ml``), and with reference labels ``dice_/hd95_/nsd_<label>``.
+        The case's row: ``case_id, source, status (ok|error|skipped), reason, seconds`` (work time:
+        ``seconds_read + seconds_segment + seconds_write``), volume per label in mL
+        (``vol_<label>_ml``), and with reference labels ``dice_/hd95_/nsd_<label>``.
     """
-    start = time.perf_counter()
+    return write_case(segment_case(read_case(item, config), config), config)
+
+
+def read_case(item: SourceItem, config: CaseConfig) -> CaseWork:
+    """Stage 1: read the case's image (CPU and disk only)."""
     row: dict = {
         "case_id": item.case_id,
         "source": str(item.paths[0]) if item.paths else "",
@@ -128,31 +163,87 @@ def run_case(item: SourceItem, config: CaseConfig) -> dict:
         "reason": "",
         "model_fingerprint": config.model_fingerprint,
     }
-    staging = Path(config.out_dir) / STAGING / f"{item.case_id}.{os.getpid()}"
-    try:
+    work = CaseWork(item=item, row=row)
+    with _stage(work, "read"):
+        work.volume = load_source_item(item)
+    return work
+
+
+def segment_case(work: CaseWork, config: CaseConfig) -> CaseWork:
+    """Stage 2: check the model fits the image, then segment it (the GPU stage)."""
+    if work.failed_or_skipped:
+        return work
+    with _stage(work, "segment"):
         if config.torch_threads:
             import torch
 
             torch.set_num_threads(config.torch_threads)
         bundle, networks = _cached_model(config.bundle_dir, config.inference.device, config.model_fingerprint)
-        volume = load_source_item(item)
-        skip_reason = _incompatibility(volume, bundle)
+        assert work.volume is not None
+        skip_reason = _incompatibility(work.volume, bundle)
         if skip_reason:
-            row.update(status="skipped", reason=skip_reason)
+            work.row.update(status="skipped", reason=skip_reason)
+            work.volume = None
         else:
+            work.labels, work.probabilities = segment_volume(
+                work.volume,
+                networks,
+                bundle,
+                config.inference,
+                return_probabilities=config.save_probabilities,
+            )
+    return work
+
+
+def write_case(work: CaseWork, config: CaseConfig) -> dict:
+    """Stage 3: write mask, SEG, QC picture and metrics into staging, then publish the folder."""
+    item, row = work.item, work.row
+    staging = Path(config.out_dir) / STAGING / f"{item.case_id}.{os.getpid()}.{threading.get_ident()}"
+    if row["status"] == "ok":
+        with _stage(work, "write"):
+            bundle = load_bundle_cached(config)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            row.update(_segment_and_write(item, volume, bundle, networks, config, staging))
-    except Exception as exc:  # one bad case must not stop the batch: it becomes an error row
-        logger.debug("case %s failed:\n%s", item.case_id, traceback.format_exc())
-        row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-    row["seconds"] = round(time.perf_counter() - start, 3)
+            row.update(write_outputs(work, bundle, config, staging))
+    row.update({f"seconds_{name}": round(value, 3) for name, value in work.seconds.items()})
+    row["seconds"] = round(sum(work.seconds.values()), 3)
+    work.volume = work.labels = work.probabilities = None  # free the arrays before publishing
     if row["status"] == "error":
         # A failed case leaves nothing behind, so the next run tries it again.
         shutil.rmtree(staging, ignore_errors=True)
     else:
         _publish(row, staging, Path(config.out_dir))
     return row
+
+
+def load_bundle_cached(config: CaseConfig) -> ModelBundle:
+    """The bundle's metadata (label names, version) without touching the device."""
+    key = (config.bundle_dir, config.inference.device, config.model_fingerprint)
+    with _MODEL_LOCK:
+        cached = _MODEL_CACHE.get(key)
+    return cached[0] if cached is not None else load_bundle(config.bundle_dir)
+
+
+class _stage:
+    """Time a stage into ``work.seconds``; turn an exception into the case's error row."""
+
+    def __init__(self, work: CaseWork, name: str) -> None:
+        self.work, self.name = work, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        self.work.seconds[self.name] = time.perf_counter() - self.start
+        if exc is None:
+            return False
+        if not isinstance(exc, Exception):
+            return False  # KeyboardInterrupt / SystemExit propagate
+        # One bad case must not stop the batch: it becomes an error row.
+        logger.debug("case %s failed in %s:\n%s", self.work.item.case_id, self.name, traceback.format_exc())
+        self.work.row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        self.work.volume = self.work.labels = self.work.probabilities = None
+        return True
 
 
 def _incompatibility(volume, bundle: ModelBundle) -> str:
@@ -167,45 +258,72 @@ def _incompatibility(volume, bundle: ModelBundle) -> str:
     return ""
 
 
-def _segment_and_write(item, volume, bundle, networks, config: CaseConfig, staging: Path) -> dict:
-    labels, probabilities = segment_volume(
-        volume, networks, bundle, config.inference, return_probabilities=config.save_probabilities
-    )
+def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, staging: Path) -> dict:
+    """Mask, probabilities, SEG and QC picture written side by side into ``staging``; volumes, metrics.
+
+    The writers run in threads: NIfTI gzip and PNG encoding release the GIL, so the mask, the SEG
+    and the picture of a 512x512x400 scan overlap instead of adding up.
+    """
+    item, volume, labels, probabilities = work.item, work.volume, work.labels, work.probabilities
+    assert volume is not None and labels is not None
     affine = volume.affine_ras
-    if item.kind == "nifti" and len(item.paths) == 1:
-        write_mask_like_source(labels, item.paths[0], staging / "mask.nii.gz")
-    else:
-        write_nifti_atomic(labels.astype(np.uint8), affine, staging / "mask.nii.gz", dtype=np.dtype(np.uint8))
-    if probabilities is not None:
-        write_nifti_atomic(
-            # (X, Y, Z, K) float32: NIfTI has no float16 type.
-            np.moveaxis(probabilities, 0, -1).astype(np.float32),
-            affine,
-            staging / "probabilities.nii.gz",
+    jobs = []
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"write-{item.case_id}") as pool:
+        if item.kind == "nifti" and len(item.paths) == 1:
+            jobs.append(pool.submit(write_mask_like_source, labels, item.paths[0], staging / "mask.nii.gz"))
+        else:
+            jobs.append(
+                pool.submit(
+                    write_nifti_atomic,
+                    labels.astype(np.uint8, copy=False),
+                    affine,
+                    staging / "mask.nii.gz",
+                    dtype=np.dtype(np.uint8),
+                )
+            )
+        if probabilities is not None:
+            jobs.append(
+                pool.submit(
+                    write_nifti_atomic,
+                    # (X, Y, Z, K) float32: NIfTI has no float16 type.
+                    np.moveaxis(probabilities, 0, -1).astype(np.float32),
+                    affine,
+                    staging / "probabilities.nii.gz",
+                )
+            )
+        if item.kind == "dicom":
+            jobs.append(
+                pool.submit(
+                    write_dicom_seg,
+                    labels,
+                    item.paths,
+                    bundle.label_names,
+                    staging / "seg.dcm",
+                    algorithm_name=bundle.name or "medseg",
+                    algorithm_version=bundle.version_tag,
+                )
+            )
+        jobs.append(
+            pool.submit(
+                write_qc_picture,
+                volume.array[0],
+                labels,
+                affine,
+                bundle.label_names,
+                staging / "qc.png",
+                title=f"{item.case_id} ({bundle.name or 'model'})",
+            )
         )
-    if item.kind == "dicom":
-        write_dicom_seg(
-            labels,
-            item.paths,
-            bundle.label_names,
-            staging / "seg.dcm",
-            algorithm_name=bundle.name or "medseg",
-            algorithm_version=bundle.version_tag,
-        )
-    write_qc_picture(
-        volume.array[0],
-        labels,
-        affine,
-        bundle.label_names,
-        staging / "qc.png",
-        title=f"{item.case_id} ({bundle.name or 'model'})",
-    )
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-    out: dict = {}
-    for value, name in bundle.label_names.items():
-        out[f"vol_{name}_ml"] = round(float(np.count_nonzero(labels == value)) * voxel_ml, 3)
-    if config.labels_dir:
-        out.update(_reference_metrics(item.case_id, labels, volume, bundle, config))
+        voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+        counts = np.bincount(labels.ravel(), minlength=max(bundle.label_names) + 1)
+        out: dict = {
+            f"vol_{name}_ml": round(float(counts[value]) * voxel_ml, 3)
+            for value, name in bundle.label_names.items()
+        }
+        if config.labels_dir:
+            out.update(_reference_metrics(item.case_id, labels, volume, bundle, config))
+        for job in jobs:
+            job.result()  # re-raises a writer's error: the case fails as a whole
     return out
 
 

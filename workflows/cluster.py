@@ -18,7 +18,10 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def dask_client(
-    workers: int | None = None, scheduler: str | None = None, resources: dict[str, float] | None = None
+    workers: int | None = None,
+    scheduler: str | None = None,
+    resources: dict[str, float] | None = None,
+    threads_per_worker: int = 1,
 ) -> Iterator[Client]:
     """Yield a Dask client; close what we started on exit.
 
@@ -31,6 +34,8 @@ def dask_client(
         resources: abstract resources each local worker advertises (e.g. ``{"GPU": 1}``) so tasks
             submitted with ``resources=`` are placed one per GPU. Ignored with ``scheduler``
             (remote workers declare their own resources when started).
+        threads_per_worker: threads of each local worker (``predict`` gives GPU workers spare
+            threads for reading and writing around the GPU stage). Ignored with ``scheduler``.
 
     Yields:
         A connected ``distributed.Client``.
@@ -41,14 +46,14 @@ def dask_client(
             yield client
         return
     n = max(1, int(workers or 1))
-    with _local_cluster(n, resources) as cluster, Client(cluster) as client:
+    with _local_cluster(n, resources, threads_per_worker) as cluster, Client(cluster) as client:
         client.wait_for_workers(n)
         logger.info("started a local Dask cluster with %d worker process(es)", n)
         yield client
 
 
-def _local_cluster(n: int, resources: dict[str, float] | None) -> LocalCluster:
-    """A LocalCluster of ``n`` single-threaded worker processes.
+def _local_cluster(n: int, resources: dict[str, float] | None, threads_per_worker: int = 1) -> LocalCluster:
+    """A LocalCluster of ``n`` worker processes (single-threaded unless asked otherwise).
 
     With a ``GPU`` resource each worker gets its own ``CUDA_VISIBLE_DEVICES`` (set through its
     nanny, so a restarted worker keeps it): otherwise every worker would run on GPU 0.
@@ -56,7 +61,7 @@ def _local_cluster(n: int, resources: dict[str, float] | None) -> LocalCluster:
     # ":0": the scheduler always runs an HTTP server (health/metrics); on a random free port a batch
     # job on a shared host never collides with a user's dashboard on 8787.
     options = dict(
-        threads_per_worker=1,
+        threads_per_worker=max(1, int(threads_per_worker)),
         processes=True,
         dashboard_address=":0",
         silence_logs=logging.WARNING,

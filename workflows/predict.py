@@ -16,11 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from distributed import as_completed
+from distributed import Client, as_completed
 from tqdm import tqdm
 
 from pipeline.bundle import ModelBundleError, bundle_fingerprint, load_bundle, resolve_bundle_dir
-from pipeline.case_runner import CaseConfig, case_is_done, clean_staging, read_case_record, run_case
+from pipeline.case_runner import (
+    CaseConfig,
+    case_is_done,
+    clean_staging,
+    read_case,
+    read_case_record,
+    segment_case,
+    write_case,
+)
 from pipeline.metrics import summarize_metrics
 from pipeline.sliding_window import InferenceConfig
 from pipeline.tracking_batch import BatchRunInfo, log_batch_run
@@ -144,11 +152,16 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         return rows
     on_gpu = config.device == "cuda"
     # One inference worker per GPU: local GPU workers advertise GPU=1, remote ones are started with
-    # `dask worker ... --resources GPU=1` (README), and every case asks for one.
+    # `dask worker ... --resources GPU=1` (README), and every segment task asks for one.
     resources = {"GPU": 1} if on_gpu else None
     workers = max(1, gpu_count()) if on_gpu and config.scheduler is None else config.workers
-    # CPU threads per local worker: share this machine's cores; a remote worker keeps its own setting.
-    threads = None if on_gpu or config.scheduler else max(1, (os.cpu_count() or 1) // max(1, workers or 1))
+    # A GPU worker gets spare threads so the next case is read and the last one written while the
+    # GPU segments (the GPU resource still admits one segment task at a time). CPU workers have
+    # one thread each and share this machine's cores through torch's intra-op threads.
+    threads_per_worker = GPU_WORKER_THREADS if on_gpu else 1
+    torch_threads = (
+        None if on_gpu or config.scheduler else max(1, (os.cpu_count() or 1) // max(1, workers or 1))
+    )
     case_config = CaseConfig(
         bundle_dir=str(bundle_dir),
         out_dir=str(config.out_dir),
@@ -157,30 +170,75 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         save_probabilities=config.save_probabilities,
-        torch_threads=threads,
+        torch_threads=torch_threads,
         model_fingerprint=fingerprint,
     )
-    with dask_client(workers=workers, scheduler=config.scheduler, resources=resources) as client:
-        futures = [
-            client.submit(
-                run_case,
-                item,
-                case_config,
-                key=f"case-{item.case_id}",
-                pure=False,
-                resources=resources,
-            )
-            for item in todo
-        ]
+    with dask_client(
+        workers=workers,
+        scheduler=config.scheduler,
+        resources=resources,
+        threads_per_worker=threads_per_worker,
+    ) as client:
+        in_flight = max(2, sum(client.nthreads().values()) + 1)
         failures = 0
-        with tqdm(total=len(futures), desc="cases", unit="case") as bar:
-            for future in as_completed(futures):
-                row = future.result()
+        with tqdm(total=len(todo), desc="cases", unit="case") as bar:
+            for row in run_case_tasks(client, todo, case_config, resources, in_flight):
                 rows.append(row)
                 failures += row["status"] == "error"
                 bar.set_postfix(failed=failures)
                 bar.update(1)
     return rows
+
+
+#: Threads of a local GPU worker: one segments on the GPU, the others read and write.
+GPU_WORKER_THREADS = 3
+
+
+def run_case_tasks(
+    client: Client,
+    items: list[SourceItem],
+    case_config: CaseConfig,
+    resources: dict[str, float] | None,
+    in_flight: int,
+):
+    """Yield each case's row as it finishes; three Dask tasks per case: read -> segment -> write.
+
+    Only the segment task asks for the ``resources`` (the GPU), so Dask runs reads and writes of
+    other cases on the worker's other threads meanwhile; the arrays pass between a case's tasks in
+    the worker's memory. At most ``in_flight`` cases are submitted at a time (more are added as
+    cases finish) so read-ahead cannot fill the workers' memory with volumes waiting for the GPU.
+    A case whose task dies with its worker (a crash, an out-of-memory kill) becomes an error row.
+    """
+    pending = iter(items)
+
+    def submit(item: SourceItem):
+        key = item.case_id
+        read = client.submit(read_case, item, case_config, key=f"read-{key}", pure=False)
+        segment = client.submit(
+            segment_case, read, case_config, key=f"segment-{key}", pure=False, resources=resources
+        )
+        write = client.submit(write_case, segment, case_config, key=f"write-{key}", pure=False)
+        owners[write.key] = item
+        return write
+
+    owners: dict[str, SourceItem] = {}
+    running = as_completed([submit(item) for _, item in zip(range(in_flight), pending, strict=False)])
+    for future in running:
+        item = owners.pop(future.key)
+        try:
+            yield future.result()
+        except Exception as exc:  # the task's worker died or the task could not be run at all
+            logger.debug("case %s: task failed", item.case_id, exc_info=True)
+            yield {
+                **_discovery_row(item),
+                "status": "error",
+                "reason": f"worker failure: {type(exc).__name__}: {exc}",
+            }
+        finally:
+            future.release()
+        nxt = next(pending, None)
+        if nxt is not None:
+            running.add(submit(nxt))
 
 
 def _discovery_row(item: SourceItem) -> dict:

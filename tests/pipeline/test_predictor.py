@@ -9,6 +9,7 @@ spacing or resampling error moves the mask away from the voxels whose centres li
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -85,6 +86,39 @@ def test_keep_largest_component_per_label():
     labels[6:9, 0:2, 0:2] = 2
     out = keep_largest_component(labels, [1, 2])
     assert out[7, 7, 7] == 0 and (out[1:4, 1:4, 1:4] == 1).all() and (out[6:9, 0:2, 0:2] == 2).all()
+
+
+def _largest_component_whole_volume(labels: np.ndarray, values) -> np.ndarray:
+    """Reference: label the whole volume once per value (the obvious, slow way)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for value in values:
+        components, n = ndimage.label(labels == value, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components != int(np.argmax(sizes))) & (components > 0)] = 0
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_keep_largest_component_matches_whole_volume_labelling(seed):
+    """Bounding-box labelling gives the whole-volume result, ties and absent values included."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((30, 26, 22), np.uint8)
+    for value in (1, 2, 3, 5):  # 4 absent; islands of equal size force the tie-break
+        for _ in range(4):
+            lo = rng.integers(0, [26, 22, 18])
+            size = rng.integers(1, 5, size=3)
+            labels[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]] = value
+    labels[rng.random(labels.shape) < 0.02] = 3  # scattered single voxels
+    labels[0:2, 0:2, 0:2] = 7
+    labels[-2:, -2:, -2:] = 7  # two equal islands in opposite corners
+    values = [1, 2, 3, 4, 5, 7]
+    expected = _largest_component_whole_volume(labels, values)
+    assert (expected != labels).any()  # the case does remove something
+    np.testing.assert_array_equal(keep_largest_component(labels, values), expected)
 
 
 def test_slabwise_resample_argmax_equals_full_resample():
