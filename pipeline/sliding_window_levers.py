@@ -301,11 +301,28 @@ class NetworkRunner:
             if step >= x.shape[0]:
                 y = first_output(fwd(x))
             else:  # bound activation memory when mirrors multiply the batch
-                y = torch.cat([first_output(fwd(x[i : i + step])) for i in range(0, x.shape[0], step)])
+                y = self._chunked(fwd, x, step)
             for j, m in enumerate(self.mirrors):
                 part = y[j * n : (j + 1) * n]
                 outputs.append(part.flip(m) if m else part)
         return outputs
+
+
+    @staticmethod
+    def _chunked(fwd: Callable, x: torch.Tensor, step: int) -> torch.Tensor:
+        """``fwd`` over ``x`` in chunks of ``step`` samples, written into one output tensor.
+
+        Each chunk is copied out before the next call: a CUDA-graph forward returns its static
+        output buffer, which the next replay overwrites (a list of chunks would alias it).
+        """
+        y: torch.Tensor | None = None
+        for i in range(0, x.shape[0], step):
+            part = first_output(fwd(x[i : i + step]))
+            if y is None:
+                y = part.new_empty((x.shape[0], *part.shape[1:]))
+            y[i : i + part.shape[0]].copy_(part)
+        assert y is not None
+        return y
 
 
 class _CompiledForward:

@@ -333,3 +333,22 @@ def test_module_cache_is_bounded_and_ignores_dead_ids():
     assert cache.get(nets[1]) == 1 and cache.get(nets[2]) == 2
     other = _net(seed=9)
     assert cache.get(other) is None
+
+
+def test_chunked_calls_survive_a_forward_that_reuses_its_output_buffer():
+    """A CUDA-graph forward returns the same static buffer on every replay; chunks of a TTA
+    batch must be copied out before the next chunk overwrites it."""
+    net = _net()
+
+    def graph_like(x: torch.Tensor, _static: dict = {}) -> torch.Tensor:  # noqa: B006 - the point
+        y = net(x)
+        buf = _static.get(tuple(y.shape))
+        if buf is None:
+            buf = _static[tuple(y.shape)] = torch.empty_like(y)
+        return buf.copy_(y)
+
+    x = torch.randn(7, 1, *ROI, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = net(x)
+        got = levers.NetworkRunner._chunked(graph_like, x, step=2)  # chunks 2, 2, 2, 1
+    torch.testing.assert_close(got, expected)
