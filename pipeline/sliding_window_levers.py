@@ -307,7 +307,6 @@ class NetworkRunner:
                 outputs.append(part.flip(m) if m else part)
         return outputs
 
-
     @staticmethod
     def _chunked(fwd: Callable, x: torch.Tensor, step: int) -> torch.Tensor:
         """``fwd`` over ``x`` in chunks of ``step`` samples, written into one output tensor.
