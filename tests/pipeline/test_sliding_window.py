@@ -240,6 +240,17 @@ def test_cuda_levers_match_cpu(lever):
 
 
 @pytest.mark.gpu
+def test_cuda_graphs_with_tta_in_chunks_match_cpu():
+    """CUDA-graph replays reuse one output buffer; mirrored chunks must not alias it."""
+    nets = [_net(seed=0), _net(seed=1)]
+    image = _image((1, 1, 37, 29, 23))[0]
+    cpu = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI, tta=True))
+    cfg = _cuda_cfg(amp=False, cuda_graphs=True, tta=True, max_network_batch=3)
+    gpu = predict_probabilities(image, [n.cuda() for n in nets], cfg)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
 def test_cuda_bf16_graphs_and_compile_agree_with_fp32():
     image = _image((1, 1, 40, 33, 27))
     ref = sliding_window_logits(image, _net().cuda(), _cuda_cfg(amp=False))
