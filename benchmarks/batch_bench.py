@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from case_bench import make_bundle, write_case  # noqa: E402  (sibling benchmark script)
@@ -116,6 +117,19 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "wall_s": round(wall, 2),
         "cases_per_min": round(60.0 * len(ok) / wall, 2),
         "mean_case_s": round(float(ok["seconds"].mean()), 2),
+        # Work time per stage (read, segment, write): with overlap their sum exceeds the wall.
+        **{
+            f"mean_{stage}_s": round(float(ok[f"seconds_{stage}"].mean()), 2)
+            for stage in ("read", "segment", "write")
+            if f"seconds_{stage}" in ok
+        },
+        # The segment stage's share of the wall per worker: on a GPU box, an upper bound of the
+        # GPU-busy fraction (what it would be if the GPU ran flat out during every segment task).
+        "segment_stage_fraction_of_wall": round(
+            float(ok["seconds_segment"].sum()) / (wall * max(1, n_segment_workers(args))), 3
+        )
+        if "seconds_segment" in ok
+        else None,
         "gpu_busy_fraction": sampler.busy_fraction(),
         "gpu_samples": len(sampler.samples),
         "shape": list(shape),
@@ -126,6 +140,13 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "device": args.device,
         "machine": machine_info(args.device),
     }
+
+
+def n_segment_workers(args: argparse.Namespace) -> int:
+    """Workers that run segment tasks: one per GPU on CUDA, ``--workers`` on the CPU."""
+    if args.device == "cuda":
+        return max(1, torch.cuda.device_count())
+    return int(args.workers or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
