@@ -96,6 +96,7 @@ class CaseWork:
 
 
 _MODEL_CACHE: dict[tuple[str, str, str], tuple[ModelBundle, list]] = {}
+_BUNDLE_CACHE: dict[tuple[str, str, str], ModelBundle] = {}
 _MODEL_LOCK = threading.Lock()  # a multi-threaded (GPU) worker must not load the model twice
 
 
@@ -221,7 +222,13 @@ def load_bundle_cached(config: CaseConfig) -> ModelBundle:
     key = (config.bundle_dir, config.inference.device, config.model_fingerprint)
     with _MODEL_LOCK:
         cached = _MODEL_CACHE.get(key)
-    return cached[0] if cached is not None else load_bundle(config.bundle_dir)
+        if cached is not None:
+            return cached[0]
+        # The write task ran on a worker that never segmented (Dask moved it): load once here.
+        if key not in _BUNDLE_CACHE:
+            _BUNDLE_CACHE.clear()
+            _BUNDLE_CACHE[key] = load_bundle(config.bundle_dir)
+        return _BUNDLE_CACHE[key]
 
 
 class _stage:

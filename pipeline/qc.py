@@ -178,7 +178,9 @@ def _view_slice(volume: np.ndarray, fixed: int, index: int) -> np.ndarray:
     vertical (A or S) at the top and high horizontal (R in axial/coronal, A in sagittal) on the
     left -- the radiological view.
     """
-    return np.take(volume, index, axis=fixed).T[::-1, ::-1]
+    # Basic indexing (a view), not np.take: take copies a non-contiguous volume whole first, and
+    # the DICOM reader's arrays are transposed views (3 s per picture at 512x512x400).
+    return volume[(slice(None),) * fixed + (index,)].T[::-1, ::-1]
 
 
 def _draw_view(ax, view, image, mask, spacing, centre, colours, display_range) -> None:
