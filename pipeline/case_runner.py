@@ -308,6 +308,7 @@ def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, stagi
                     staging / "seg.dcm",
                     algorithm_name=bundle.name or "medseg",
                     algorithm_version=bundle.version_tag,
+                    source_headers=volume.meta.get("headers"),
                 )
             )
         jobs.append(

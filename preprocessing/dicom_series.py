@@ -56,7 +56,8 @@ def read_dicom_series(paths: list[Path] | tuple[Path, ...], *, decode_threads: i
         Volume with ``array`` (1, columns, rows, slices): the stored values with RescaleSlope/
         Intercept applied per slice (int16/int32 when the rescale is whole-numbered, e.g. CT in HU;
         float32 when fractional), ``affine_ras`` exact, ``case_id`` pseudonymous (from the
-        SeriesInstanceUID), ``modality`` from the header, ``meta["slice_files"]`` the file of each slice.
+        SeriesInstanceUID), ``modality`` from the header, ``meta["slice_files"]`` the file of each slice
+        and ``meta["headers"]`` its parsed header (no pixel data).
 
     Raises:
         IngestError: unreadable files, duplicate SOP instances, mismatched rows/columns/spacing,
@@ -126,7 +127,14 @@ def _read_single_frame_series(
         case_id=pseudonymous_case_id(series_uid),
         source=os.path.commonpath([str(p.parent) for p in paths]),
         modality=str(first.get("Modality", "")),
-        meta={"slice_files": tuple(str(paths[k]) for k in order), "n_files": len(paths)},
+        meta={
+            "slice_files": tuple(str(paths[k]) for k in order),
+            "n_files": len(paths),
+            # The parsed headers in slice order (decode_frames dropped their pixel data): the DICOM
+            # SEG writer references them instead of parsing every file again. They hold patient
+            # data; they stay in the process like the files they came from and are never logged.
+            "headers": tuple(datasets[k] for k in order),
+        },
     )
 
 
@@ -223,6 +231,7 @@ def decode_frames(datasets: list[Dataset], paths: list[Path], decode_threads: in
     frame0 = decode(0)
     out = np.empty((len(datasets), rows, cols), dtype=frame0.dtype)
     out[0] = frame0
+    del first.PixelData  # every dataset leaves with its header only (the SEG writer reuses them)
     if compressed and threads > 1 and len(datasets) > 2:
         with ThreadPoolExecutor(threads) as pool:
             for idx, frame in enumerate(pool.map(decode, range(1, len(datasets))), start=1):

@@ -226,3 +226,31 @@ def test_labelmap_type_round_trip(tmp_path):
     seg = hd.seg.segread(out)
     assert seg.SegmentationType == "LABELMAP"
     assert np.array_equal(_seg_in_our_grid(seg, affine), np.where(mask == 3, 2, mask))
+
+
+def test_headers_from_the_reader_give_the_same_seg(tmp_path):
+    """The SEG built from the reader's parsed headers equals the one built by re-reading the files."""
+    from preprocessing.dicom_series import read_dicom_series
+
+    affine = _affine_lps("sagittal")
+    image = np.random.default_rng(5).integers(-100, 200, SHAPE)
+    files = _write_series(tmp_path / "src", affine, image)
+    paths = [p for p, _ in files]
+    shuffled = [paths[i] for i in np.random.default_rng(6).permutation(len(paths))]
+    volume = read_dicom_series(shuffled)
+    headers = volume.meta["headers"]
+    assert len(headers) == len(paths) and all("PixelData" not in ds for ds in headers)
+    mask = _asymmetric_mask()
+    from_files = hd.seg.segread(write_dicom_seg(mask, shuffled, LABELS, tmp_path / "a.dcm"))
+    from_headers = hd.seg.segread(
+        write_dicom_seg(mask, shuffled, LABELS, tmp_path / "b.dcm", source_headers=headers)
+    )
+    uids = [uid for _, uid in files]
+    np.testing.assert_array_equal(
+        from_headers.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True),
+        from_files.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True),
+    )
+    for attribute in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "NumberOfFrames"):
+        assert from_headers.get(attribute) == from_files.get(attribute), attribute
+    with pytest.raises(GeometryError, match="headers"):
+        write_dicom_seg(mask, shuffled, LABELS, tmp_path / "c.dcm", source_headers=headers[:-1])
