@@ -23,9 +23,26 @@ channel_attention_aspp_unet):
 Input sizes: every network has ``min_input_divisor`` ``(dx, dy, dz)``; X, Y, Z must be multiples of it
 (the product of the strides for the CNNs, 32 for swin_unetr, 16 for unetr). :func:`required_divisor`
 gives it without building weights. ``unetr`` also has ``fixed_input_size`` and accepts only that size.
+
+Geometry from the plan: :func:`geometry_options` derives the options that follow from a plan's patch
+size and spacing (unet's kernels and strides, the residual U-Nets' strides, the transformers'
+``img_size``) under the user's explicit options; see :mod:`networks.registry`.
 """
 
-from networks.registry import available_networks, build_network, network_options, required_divisor
+from networks.registry import (
+    available_networks,
+    build_network,
+    geometry_options,
+    network_options,
+    required_divisor,
+)
 from networks.unet import unet_topology
 
-__all__ = ["available_networks", "build_network", "network_options", "required_divisor", "unet_topology"]
+__all__ = [
+    "available_networks",
+    "build_network",
+    "geometry_options",
+    "network_options",
+    "required_divisor",
+    "unet_topology",
+]

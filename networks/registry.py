@@ -1,10 +1,30 @@
-"""Name -> builder registry for the network zoo; validates option names before building."""
+"""Name -> builder registry for the network zoo; validates option names and derives geometry from the plan.
+
+Geometry from the plan (nnU-Net's idea): each :class:`NetworkSpec` may have a ``geometry`` hook
+``(patch_size, spacing_mm, explicit_options) -> options`` giving the options that follow from the
+plan's patch size and target spacing -- ``unet``'s per-level kernels and strides (nnU-Net's
+``get_pool_and_conv_props`` rule, no downsampling across thick slices), the residual U-Nets' strides
+(and level count), the transformers' ``img_size``. :func:`geometry_options` merges them *under* the
+user's explicit ``network_options`` (explicit options win; a hook steps aside when the user fixed the
+topology, e.g. gave ``strides``).
+
+The patch size and the topology depend on each other (the patch must be a multiple of the product of
+the strides, and the strides follow the patch). They are resolved as nnU-Net does, by the planner
+(``preprocessing.plan.make_plan``): plan the patch from the median shape and the memory budget first,
+derive the topology from that patch, round the patch to the topology's divisor, and repeat until the
+patch is a multiple of its own topology's divisor. The resolved options are stored in ``plan.json``
+(``network_options``), so a trained bundle rebuilds exactly the network it was trained with, whatever
+a later version's rule would derive.
+
+Plain tuples in, plain dicts out: this package imports nothing else of ours.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,8 +33,43 @@ from networks.attention_unet import build_attention_unet
 from networks.channel_attention_aspp_unet import build_channel_attention_aspp_unet
 from networks.dual_attention_unet import build_dual_attention_unet
 from networks.swin_unetr import SWIN_DIVISOR, build_swin_unetr
-from networks.unet import build_unet
+from networks.unet import build_unet, default_channels, unet_geometry_options, unet_topology
 from networks.unetr import UNETR_PATCH, build_unetr
+
+#: ``(patch_size (X, Y, Z) voxels, spacing_mm (X, Y, Z), explicit options) -> derived options``.
+GeometryHook = Callable[[tuple[int, int, int], tuple[float, float, float], dict[str, Any]], dict[str, Any]]
+
+#: The residual U-Nets' default depth (``channels=(32, 64, 128, 256, 320)``).
+_RESIDUAL_LEVELS = 5
+
+
+def _residual_unet_geometry(
+    patch_size: tuple[int, int, int], spacing_mm: tuple[float, float, float], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Strides of the residual U-Nets from nnU-Net's rule (their kernel is one size for every level).
+
+    Without ``channels`` the level count follows the patch too (at most 5, nnU-Net's widths); with
+    ``channels`` the strides fill those levels, or the builder's default 2-per-level strides stay when the
+    patch is too small for that many levels by the rule. ``strides`` given: nothing is derived.
+    """
+    if "strides" in options:
+        return {}
+    channels = options.get("channels")
+    levels = len(channels) if isinstance(channels, Sequence) else _RESIDUAL_LEVELS
+    _, strides = unet_topology(patch_size, spacing_mm, max_levels=levels)
+    if len(strides) < 2 or (channels is not None and len(strides) < levels):
+        return {}
+    derived: dict[str, Any] = {"strides": [list(s) for s in strides]}
+    if channels is None:
+        derived["channels"] = list(default_channels(len(strides)))
+    return derived
+
+
+def _img_size_geometry(
+    patch_size: tuple[int, int, int], spacing_mm: tuple[float, float, float], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The transformers take the plan's patch as ``img_size`` (UNETR's position embedding needs it)."""
+    return {} if "img_size" in options else {"img_size": list(patch_size)}
 
 
 @dataclass(frozen=True)
@@ -26,6 +81,8 @@ class NetworkSpec:
     builder: Callable[..., nn.Module]
     #: Divisor independent of the options (transformers); ``None``: read it from a meta-device build.
     fixed_divisor: tuple[int, int, int] | None = None
+    #: Options that follow from the plan's patch size and spacing (see the module docstring).
+    geometry: GeometryHook | None = None
 
     def option_names(self) -> list[str]:
         """Keyword options the builder accepts (MONAI vocabulary)."""
@@ -37,34 +94,42 @@ _REGISTRY: dict[str, NetworkSpec] = {
     spec.name: spec
     for spec in (
         NetworkSpec(
-            "unet", "nnU-Net-style U-Net (MONAI DynUNet); topology from patch size and spacing", build_unet
+            "unet",
+            "nnU-Net-style U-Net (MONAI DynUNet); topology from patch size and spacing",
+            build_unet,
+            geometry=unet_geometry_options,
         ),
         NetworkSpec(
             "attention_unet",
             "residual U-Net with additive attention gates, multi-scale input, deep supervision (AGUNet)",
             build_attention_unet,
+            geometry=_residual_unet_geometry,
         ),
         NetworkSpec(
             "dual_attention_unet",
             "residual U-Net with DANet position+channel attention at the deepest levels (DAUNet)",
             build_dual_attention_unet,
+            geometry=_residual_unet_geometry,
         ),
         NetworkSpec(
             "channel_attention_aspp_unet",
             "residual U-Net with squeeze-and-excitation channel attention and an ASPP bottleneck",
             build_channel_attention_aspp_unet,
+            geometry=_residual_unet_geometry,
         ),
         NetworkSpec(
             "swin_unetr",
             "MONAI SwinUNETR: Swin transformer encoder, conv decoder; inputs multiples of 32",
             build_swin_unetr,
             (SWIN_DIVISOR,) * 3,
+            _img_size_geometry,
         ),
         NetworkSpec(
             "unetr",
             "MONAI UNETR: ViT encoder on 16^3 patches, conv decoder; accepts only its img_size",
             build_unetr,
             (UNETR_PATCH,) * 3,
+            _img_size_geometry,
         ),
     )
 }
@@ -78,6 +143,37 @@ def available_networks() -> dict[str, str]:
 def network_options(name: str) -> list[str]:
     """Option names that :func:`build_network` accepts for ``name``."""
     return _spec(name).option_names()
+
+
+def geometry_options(
+    name: str,
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Options to build ``name`` for a plan: the geometry derived from patch and spacing, under ``options``.
+
+    Args:
+        name: One of :func:`available_networks`.
+        patch_size: The plan's patch (X, Y, Z) in voxels (RAS axis order).
+        spacing_mm: The plan's target spacing (X, Y, Z) in millimetres, same axis order.
+        options: The user's explicit ``network_options``; they win over anything derived.
+
+    Returns:
+        ``{**derived, **options}``, JSON-friendly (lists, not tuples, for the derived values).
+
+    Raises:
+        ValueError: Unknown name, a patch/spacing that is not 3 positive values, or explicit options that
+            cannot fit this patch (e.g. more ``channels`` levels than the patch allows).
+    """
+    spec = _spec(name)
+    explicit = dict(options or {})
+    patch = tuple(int(p) for p in patch_size)
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(patch) != 3 or len(spacing) != 3 or min(patch) <= 0 or not min(spacing) > 0:
+        raise ValueError(f"patch_size and spacing_mm need 3 positive values each; got {patch_size}, {spacing_mm}")
+    derived = spec.geometry(patch, spacing, explicit) if spec.geometry is not None else {}
+    return {**derived, **explicit}
 
 
 def build_network(name: str, in_channels: int, out_channels: int, **options: object) -> nn.Module:

@@ -216,3 +216,35 @@ def _triple(value: Sequence[int] | int) -> Triple:
     if len(value) != 3:
         raise ValueError(f"expected an int or 3 ints (X, Y, Z); got {value}")
     return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def unet_geometry_options(
+    patch_size: Sequence[int], spacing_mm: Sequence[float], options: dict[str, object]
+) -> dict[str, object]:
+    """The plan-derived topology of :func:`build_unet`: nnU-Net's kernels and strides for this patch.
+
+    Returns ``{"kernel_size": [...], "strides": [...]}`` from :func:`unet_topology` (limited to
+    ``len(options["channels"])`` levels when the user gave channels), as plain lists so they round-trip
+    through ``plan.json``. Returns ``{}`` when ``options`` already fix the topology (``strides``,
+    ``kernel_size``, ``patch_size`` or ``spacing_mm``): explicit options win.
+
+    Raises:
+        ValueError: the user's ``channels`` need more levels than nnU-Net's rule allows for this patch.
+    """
+    if {"strides", "kernel_size", "patch_size", "spacing_mm"} & set(options):
+        return {}
+    channels = options.get("channels")
+    levels = len(channels) if isinstance(channels, Sequence) else None
+    kernels, strides = unet_topology(patch_size, spacing_mm, max_levels=levels)
+    if levels is not None and len(strides) < levels:
+        raise ValueError(
+            f"unet: patch {tuple(patch_size)} at spacing {tuple(spacing_mm)} mm allows only {len(strides)} "
+            f"levels by nnU-Net's rule, but network_options.channels has {levels}; "
+            "give fewer channels or a larger patch_size"
+        )
+    if len(strides) < 3:
+        raise ValueError(
+            f"unet: patch {tuple(patch_size)} at spacing {tuple(spacing_mm)} mm allows only {len(strides)} "
+            "levels (unet needs 3; every axis of at least 16 voxels gives them); use a larger patch_size"
+        )
+    return {"kernel_size": [list(k) for k in kernels], "strides": [list(s) for s in strides]}

@@ -41,6 +41,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 from torch import nn
 
+from pipeline.postprocessing import normalize_postprocessing, warn_legacy_postprocessing
 from pipeline.tracking import Tracker, set_global_uri
 from preprocessing.atomic import atomic_path, write_text_atomic
 from preprocessing.plan import Plan, read_plan, write_plan
@@ -63,8 +64,8 @@ class ModelBundle:
     Attributes:
         plan: preprocessing plan (spacing, normalisation, patch size, labels, network + options).
         fold_states: one ``state_dict`` per fold.
-        postprocessing: e.g. ``{"largest_component": True}`` (keep the largest connected
-            component of each label).
+        postprocessing: ``{"largest_component": {label: {"apply": bool, ...}}}``, the per-label
+            decision made on the out-of-fold Dice (``pipeline.postprocessing``); ``{}`` = none.
         code_version: git commit of the training code.
         cv_mean_dice: cross-validation mean foreground Dice.
         name / version: registered model name and version ("" for a plain folder).
@@ -72,7 +73,7 @@ class ModelBundle:
 
     plan: Plan
     fold_states: tuple[dict[str, torch.Tensor], ...]
-    postprocessing: dict[str, Any] = field(default_factory=lambda: {"largest_component": True})
+    postprocessing: dict[str, Any] = field(default_factory=dict)
     code_version: str = ""
     cv_mean_dice: float = math.nan
     name: str = ""
@@ -118,11 +119,20 @@ class ModelBundle:
         from networks import build_network
 
         nets = []
-        for state in self.fold_states:
-            net = build_network(
-                self.plan.network, self.plan.in_channels, self.plan.num_classes, **self.plan.network_options
-            )
-            net.load_state_dict(state)
+        for fold, state in enumerate(self.fold_states):
+            try:
+                net = build_network(
+                    self.plan.network, self.plan.in_channels, self.plan.num_classes, **self.plan.network_options
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ModelBundleError(f"the bundle's network cannot be built: {exc}") from exc
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as exc:  # missing/unexpected keys, shape mismatch
+                raise ModelBundleError(
+                    f"fold {fold}'s weights do not fit the bundle's network {self.plan.network!r} "
+                    f"({str(exc)[:300]}); the weights belong to another architecture: export the bundle again"
+                ) from exc
             nets.append(net.to(device).eval())
         return nets
 
@@ -141,9 +151,24 @@ def bundle_from_checkpoints(
         if not Path(path).is_file():
             raise ModelBundleError(f"fold checkpoint {path} is missing; train that fold first")
         states.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        check_finite_weights(states[-1], str(path))
     return ModelBundle(
-        plan, tuple(states), dict(postprocessing or {"largest_component": True}), code_version(), cv_mean_dice
+        plan, tuple(states), dict(postprocessing or {}), code_version(), cv_mean_dice
     )
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights with NaN/Inf: such a network segments everything as background.
+
+    Raises:
+        ModelBundleError: naming ``where`` and the first non-finite tensor.
+    """
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelBundleError(
+            f"{where}: {len(bad)} weight tensor(s) hold NaN/Inf (first: {bad[0]}); the fold diverged, "
+            "retrain it (e.g. with a lower learning_rate) instead of bundling it"
+        )
 
 
 def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
@@ -186,28 +211,69 @@ def bundle_fingerprint(folder: str | Path) -> str:
 
 
 def _read_bundle_folder(folder: Path) -> ModelBundle:
-    try:
-        meta = json.loads((folder / "bundle.json").read_text())
-        plan = read_plan(folder / "plan.json")
-        states = tuple(
-            torch.load(folder / f"fold_{i}.pt", map_location="cpu", weights_only=True)
-            for i in range(int(meta["num_folds"]))
+    meta = _read_json_object(folder / "bundle.json", folder)
+    num_folds = meta.get("num_folds")
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 1:
+        raise ModelBundleError(
+            f"{folder / 'bundle.json'}: 'num_folds' must be a whole number >= 1, got {num_folds!r}; "
+            "the bundle is damaged: download or export it again"
         )
-    except (OSError, KeyError, ValueError) as exc:
-        raise ModelBundleError(f"{folder} is not a complete model bundle: {exc}") from exc
-    registry = (
-        json.loads((folder / "registry.json").read_text()) if (folder / "registry.json").is_file() else {}
-    )
     score = meta.get("cv_mean_dice")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise ModelBundleError(f"{folder / 'bundle.json'}: 'cv_mean_dice' must be a number, got {score!r}")
+    try:
+        plan = read_plan(folder / "plan.json")
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelBundleError(f"{folder} is not a complete model bundle: plan.json: {exc!r}") from exc
+    states = tuple(_read_fold_state(folder / f"fold_{i}.pt") for i in range(num_folds))
+    registry = _read_json_object(folder / "registry.json", folder) if (folder / "registry.json").is_file() else {}
     return ModelBundle(
         plan,
         states,
-        dict(meta.get("postprocessing", {})),
+        _read_postprocessing(meta, folder),
         meta.get("code_version", ""),
         math.nan if score is None else float(score),
         registry.get("name", ""),
         str(registry.get("version", "")),
     )
+
+
+def _read_json_object(path: Path, folder: Path) -> dict[str, Any]:
+    """A bundle's JSON file that must hold an object (``bundle.json``, ``registry.json``)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # missing, unreadable, not JSON, not UTF-8
+        raise ModelBundleError(f"{folder} is not a complete model bundle: {path.name}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelBundleError(
+            f"{path} holds a JSON {type(value).__name__}, not the object a medseg bundle writes; "
+            "the bundle is damaged: download or export it again"
+        )
+    return value
+
+
+def _read_fold_state(path: Path) -> dict[str, torch.Tensor]:
+    """One fold's ``state_dict``; any failure to unpickle it (random bytes, truncation) is a bundle error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, OSError...
+        raise ModelBundleError(
+            f"fold weights {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
+            "the bundle is damaged: download or export it again"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelBundleError(f"fold weights {path} are not a state_dict of tensors")
+    return state
+
+
+def _read_postprocessing(meta: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``bundle.json`` -> ``postprocessing``, validated; no entry means no post-processing."""
+    try:
+        post = normalize_postprocessing(meta.get("postprocessing"), str(folder / "bundle.json"))
+    except ValueError as exc:
+        raise ModelBundleError(f"{folder} is not a usable model bundle: {exc}") from exc
+    warn_legacy_postprocessing(post, str(folder))
+    return post
 
 
 def _find_bundle_folder(root: Path) -> Path | None:
@@ -234,11 +300,20 @@ def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> 
         if folder is None:
             raise ModelBundleError(f"{uri}: no model bundle folder (bundle.json) there")
         return folder
+    from pipeline.tracking import check_tracking_reachable, tracking_uri
+
+    # One quick probe without retries first: MLflow's own backoff makes an unreachable server cost
+    # minutes (256 s) before the download gives up.
+    problem = check_tracking_reachable(tracking_uri())
+    if problem:
+        raise ModelBundleError(
+            f"could not download model {uri}: MLflow at {tracking_uri()} is not reachable ({problem}); "
+            "start the tracking server, set MLFLOW_TRACKING_URI, or pass a local bundle folder"
+        )
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="medseg-bundle-"))
     if dst.exists():
         shutil.rmtree(dst)  # a stale download of another version must not be mixed in
     dst.mkdir(parents=True)
-    from pipeline.tracking import tracking_uri
 
     try:
         path = Path(
@@ -357,6 +432,8 @@ def register_bundle(
     """
     from importlib.metadata import version as pkg_version
 
+    for i, state in enumerate(bundle.fold_states):
+        check_finite_weights(state, f"model bundle for {model_name}, fold {i}")
     set_global_uri(tracker.uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_bundle(replace(bundle, cv_mean_dice=cv_mean_dice), Path(tmp) / _ARTIFACT)

@@ -13,6 +13,11 @@ Atomicity: every output of a case is written into a private staging folder
 last step. A rename of a directory is atomic on POSIX file systems, so a case folder either exists
 complete (with ``case.json``, its row of ``cases.csv``) or not at all; a SIGKILL at any moment
 leaves at most a staging folder, which the next run deletes.
+
+Reasons: every row has a free-text ``reason`` (with paths and the exception's message: it stays in
+the hospital's ``OUT/cases.csv``) and a ``reason_code`` made only from the kind of the failure
+(``read:IngestError``, ``incompatible_modality``, ``segment:out_of_memory``, ...), set where the
+row is made. Only the code leaves the output folder (``pipeline.tracking_batch``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,24 @@ logger = logging.getLogger(__name__)
 
 CASE_RECORD = "case.json"
 STAGING = ".staging"
+
+#: Channel names of MSD ``dataset.json`` files (upper case, without spaces, ``-`` and ``_``) and DICOM
+#: Modality values -> the DICOM Modality (0008,0060) of the imaging technique. The modality check
+#: compares these, so a model whose dataset says "MRI", "T2" or "FLAIR" segments a series with
+#: Modality "MR". Names not listed are unknown: never a refusal, a warning.
+IMAGING_MODALITY: dict[str, str] = {
+    **dict.fromkeys(("CT", "CECT", "NCCT", "CTA"), "CT"),
+    **dict.fromkeys(
+        (
+            "MR", "MRI", "T1", "T1W", "T1GD", "T1CE", "T1C", "T2", "T2W", "FLAIR", "T2FLAIR", "ADC",
+            "DWI", "PD", "PDW", "SWI",
+        ),
+        "MR",
+    ),
+    **dict.fromkeys(("PT", "PET"), "PT"),
+}
+_warned_modalities: set[str] = set()
+
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,14 @@ def clean_staging(out_dir: Path) -> int:
     return len(leftovers)
 
 
+def remove_empty_staging(out_dir: Path) -> None:
+    """Remove ``OUT/.staging`` once the batch is over and it is empty (a rerun makes it again)."""
+    try:
+        (Path(out_dir) / STAGING).rmdir()
+    except OSError:  # absent, or holds a folder another run is still writing
+        pass
+
+
 def run_case(item: SourceItem, config: CaseConfig) -> dict:
     """Segment one case and write its outputs; never raises for a bad case.
 
@@ -161,7 +192,8 @@ def read_case(item: SourceItem, config: CaseConfig) -> CaseWork:
         "source": str(item.paths[0]) if item.paths else "",
         "kind": item.kind,
         "status": "ok",
-        "reason": "",
+        "reason": item.reason,  # discovery's note on an ok item (a split series), as ingest reports it
+        "reason_code": "",
         "model_fingerprint": config.model_fingerprint,
     }
     work = CaseWork(item=item, row=row)
@@ -181,9 +213,9 @@ def segment_case(work: CaseWork, config: CaseConfig) -> CaseWork:
             torch.set_num_threads(config.torch_threads)
         bundle, networks = _cached_model(config.bundle_dir, config.inference.device, config.model_fingerprint)
         assert work.volume is not None
-        skip_reason = _incompatibility(work.volume, bundle)
-        if skip_reason:
-            work.row.update(status="skipped", reason=skip_reason)
+        skip_code, skip_reason = model_incompatibility(work.volume, bundle)
+        if skip_code:
+            work.row.update(status="skipped", reason=skip_reason, reason_code=skip_code)
             work.volume = None
         else:
             work.labels, work.probabilities = segment_volume(
@@ -248,21 +280,67 @@ class _stage:
             return False  # KeyboardInterrupt / SystemExit propagate
         # One bad case must not stop the batch: it becomes an error row.
         logger.debug("case %s failed in %s:\n%s", self.work.item.case_id, self.name, traceback.format_exc())
-        self.work.row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        self.work.row.update(
+            status="error", reason=f"{type(exc).__name__}: {exc}", reason_code=f"{self.name}:{error_kind(exc)}"
+        )
         self.work.volume = self.work.labels = self.work.probabilities = None
         return True
 
 
-def _incompatibility(volume, bundle: ModelBundle) -> str:
-    """Why this model must not segment this volume ('' when it may)."""
+def error_kind(exc: BaseException) -> str:
+    """A code for the kind of ``exc`` that carries no data of the case (no message, no path).
+
+    ``out_of_memory`` for host or device memory exhaustion, else the exception's class name
+    (``IngestError``, ``GeometryError``, ``NonFiniteProbabilitiesError``, ``OSError``...).
+    """
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return "out_of_memory"
+    name = type(exc).__name__
+    return name if name.isidentifier() and name.isascii() else "error"
+
+
+def imaging_modality(name: str) -> str:
+    """DICOM Modality of a dataset.json channel name or Modality value ("MRI" -> "MR"); "" if unknown."""
+    key = "".join(ch for ch in str(name).upper() if ch not in " -_")
+    return IMAGING_MODALITY.get(key, "")
+
+
+def model_incompatibility(volume: Volume, bundle: ModelBundle) -> tuple[str, str]:
+    """``(reason_code, reason)`` why this model must not segment this volume; ``("", "")`` when it may.
+
+    The modality check compares imaging modalities (:data:`IMAGING_MODALITY`): the bundle's
+    channel-0 name from ``dataset.json`` ("CT", "MRI", "T2", "FLAIR"...) against the series'
+    DICOM Modality ("CT", "MR", "PT"). A name that maps to nothing is not a refusal (a warning,
+    once per name); NIfTI files, which carry no modality, are never refused for it.
+    """
     want_channels = bundle.in_channels
     if volume.array.shape[0] != want_channels:
-        return f"model expects {want_channels} channel(s), image has {volume.array.shape[0]}"
-    want = (bundle.modality or "").upper()
-    have = (volume.modality or "").upper()
+        return (
+            "incompatible_channels",
+            f"model expects {want_channels} channel(s), image has {volume.array.shape[0]}",
+        )
+    want_name, have_name = (bundle.modality or "").strip(), (volume.modality or "").strip()
+    if not want_name or not have_name:
+        return "", ""
+    want, have = imaging_modality(want_name), imaging_modality(have_name)
+    for name, mapped in ((want_name, want), (have_name, have)):
+        if not mapped and name.upper() not in _warned_modalities:
+            _warned_modalities.add(name.upper())
+            logger.warning(
+                "modality name %r is not a known imaging modality (known: %s); the modality check is "
+                "skipped for it",
+                name,
+                ", ".join(sorted(IMAGING_MODALITY)),
+            )
     if want and have and want != have:
-        return f"model was trained on {want}, this series is {have}"
-    return ""
+        return (
+            "incompatible_modality",
+            f"model was trained on {want} images (dataset.json modality '{want_name}'), this series "
+            f"is {have} (DICOM Modality '{have_name}'); segment it with a model trained on {have}",
+        )
+    return "", ""
 
 
 def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, staging: Path) -> dict:
@@ -311,16 +389,14 @@ def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, stagi
                     source_headers=volume.meta.get("headers"),
                 )
             )
-        jobs.append(
-            pool.submit(
-                write_qc_picture,
-                volume.array[0],
-                labels,
-                affine,
-                bundle.label_names,
-                staging / "qc.png",
-                title=f"{item.case_id} ({bundle.name or 'model'})",
-            )
+        qc_job = pool.submit(
+            write_qc_picture,
+            volume.array[0],
+            labels,
+            affine,
+            bundle.label_names,
+            staging / "qc.png",
+            title=f"{item.case_id} ({bundle.name or 'model'})",
         )
         voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
         counts = np.bincount(labels.ravel(), minlength=max(bundle.label_names) + 1)
@@ -332,7 +408,21 @@ def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, stagi
             out.update(_reference_metrics(item.case_id, labels, volume, bundle, config))
         for job in jobs:
             job.result()  # re-raises a writer's error: the case fails as a whole
+        out.update(_qc_outcome(qc_job, item.case_id))
     return out
+
+
+def _qc_outcome(job, case_id: str) -> dict:
+    """The QC picture is a review aid: its failure leaves the segmented case ok, with a note."""
+    try:
+        job.result()
+    except Exception as exc:
+        logger.warning("case %s: QC picture skipped (%s: %s)", case_id, type(exc).__name__, exc)
+        return {
+            "reason": f"QC picture skipped: {type(exc).__name__}: {exc}",
+            "reason_code": f"qc_picture_skipped:{error_kind(exc)}",
+        }
+    return {}
 
 
 def write_mask_like_source(labels: np.ndarray, source: Path, out_path: Path) -> Path:

@@ -164,37 +164,74 @@ def _union_box(union: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
+#: Metrics with a bounded range, ``(low, high)``: their confidence intervals are clipped to it
+#: (a t-interval of Dice near 1 can otherwise exceed 1, of a small volume go below 0).
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "dice": (0.0, 1.0),
+    "iou": (0.0, 1.0),
+    "nsd": (0.0, 1.0),
+    "hd95": (0.0, math.inf),
+    "assd": (0.0, math.inf),
+    "vol_pred_ml": (0.0, math.inf),
+    "vol_gt_ml": (0.0, math.inf),
+}
+
+
 def summarize_metrics(rows: Iterable[Mapping], metrics: Sequence[str] = METRIC_NAMES) -> dict:
     """Per-label summary of metric rows (from one or many cases).
 
     Rows whose ``status`` is present and not ``"ok"`` are skipped (error rows of ``medseg evaluate``).
     NaNs (distances with an empty mask) are excluded from the statistics and counted in ``n_nan``;
-    a metric key missing from a row is simply not counted.
+    a metric key missing from a row is simply not counted, and a metric missing from every row of
+    a label (not computed, e.g. Dice without reference labels) is left out of that label's summary.
 
     The 95% confidence interval is the Student-t interval of the mean,
-    ``mean +- t(0.975, n-1) * std / sqrt(n)`` with the sample standard deviation (ddof=1);
-    it is deterministic (unlike a bootstrap) and ``[nan, nan]`` when ``n < 2``.
+    ``mean +- t(0.975, n-1) * std / sqrt(n)`` with the sample standard deviation (ddof=1),
+    clipped to the metric's range (:data:`METRIC_BOUNDS`: Dice, IoU and NSD in [0, 1], distances
+    and volumes >= 0); it is deterministic (unlike a bootstrap) and ``[nan, nan]`` when ``n < 2``.
 
     Returns:
         ``{label: {metric: {"mean", "std", "median", "ci95": [lo, hi], "n", "n_nan"}}}``; ``std`` is
-        the sample standard deviation (NaN when ``n < 2``). All values are plain floats/ints (JSON-ready).
+        the sample standard deviation (NaN when ``n < 2``). All values are plain floats/ints; NaN
+        marks an undefined value (write with :func:`json_ready` for strict JSON).
     """
     values: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         if row.get("status", "ok") != "ok":
             continue
-        per_label = values.setdefault(str(row["label"]), {m: [] for m in metrics})
+        per_label = values.setdefault(str(row["label"]), {})
         for m in metrics:
             if m in row:  # absent = not measured (not counted); present but NaN/None/"" = counted in n_nan
                 v = row[m]
-                per_label[m].append(math.nan if v is None or v == "" else float(v))
+                per_label.setdefault(m, []).append(math.nan if v is None or v == "" else float(v))
     return {
-        label: {m: _describe(np.asarray(vals, dtype=np.float64)) for m, vals in per_metric.items()}
+        label: {
+            m: _describe(np.asarray(per_metric[m], dtype=np.float64), METRIC_BOUNDS.get(m))
+            for m in metrics
+            if m in per_metric
+        }
         for label, per_metric in values.items()
     }
 
 
-def _describe(values: np.ndarray) -> dict:
+def json_ready(value):  # noqa: ANN001, ANN201 (any JSON-like tree)
+    """A copy of a dict/list tree with non-finite floats (NaN, inf) as ``None``, numpy scalars as Python.
+
+    ``json.dumps(json_ready(x), allow_nan=False)`` is then strict JSON: bare ``NaN`` is rejected by
+    Python's strict parser and by every JavaScript client.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _describe(values: np.ndarray, bounds: tuple[float, float] | None = None) -> dict:
     finite = values[~np.isnan(values)]
     n = int(finite.size)
     nan = math.nan
@@ -205,6 +242,8 @@ def _describe(values: np.ndarray) -> dict:
     if n > 1:
         half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
         ci = [mean - half, mean + half]
+        if bounds is not None and math.isfinite(half):
+            ci = [min(max(v, bounds[0]), bounds[1]) for v in ci]
     else:
         ci = [nan, nan]
     return {

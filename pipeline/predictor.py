@@ -1,7 +1,8 @@
 """Segment one volume with a bundle's fold ensemble, on the volume's own grid.
 
 plan preprocessing (RAS grid at plan spacing, normalisation) -> ``predict_probabilities`` ->
-resample the *probabilities* back onto the source grid (linear) -> argmax -> postprocessing.
+resample the *probabilities* back onto the source grid (linear) -> argmax -> largest connected
+component for the labels whose bundle decision is on (``pipeline.postprocessing``).
 Resampling probabilities rather than labels keeps thin structures and sub-voxel boundaries
 (see GEOMETRY.md).
 """
@@ -13,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
+from pipeline.postprocessing import keep_largest_component, largest_component_values
 from pipeline.sliding_window import InferenceConfig, predict_probabilities
 from preprocessing.image import Volume
 from preprocessing.resample import resample_to_grid
@@ -25,38 +26,8 @@ if TYPE_CHECKING:
     from pipeline.bundle import ModelBundle
 
 
-def keep_largest_component(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    """Per label value, keep only its largest 26-connected component; the rest becomes background.
-
-    Each label is labelled inside its own bounding box (one ``find_objects`` pass finds them all):
-    an organ fills a few percent of a 512x512x400 scan, so this is ~30x less work than labelling
-    the whole volume once per class (10 s -> 0.3 s for 13 classes on two cores). Components, sizes
-    and the tie-break (lowest component in raster order) are those of the whole-volume labelling:
-    every voxel of a value lies inside its box, and raster order within a box is raster order.
-
-    Args:
-        labels: ``(X, Y, Z)`` integer label map.
-        values: positive label values to clean (others are left alone).
-    """
-    out = labels.copy()
-    structure = np.ones((3, 3, 3), dtype=bool)
-    wanted = sorted({int(v) for v in values if 0 < int(v)})
-    if not wanted or labels.size == 0:
-        return out
-    top = int(labels.max())
-    boxes = ndimage.find_objects(labels if labels.dtype.kind in "iu" else labels.astype(np.int32), top)
-    for value in wanted:
-        box = boxes[value - 1] if value <= len(boxes) else None
-        if box is None:  # value absent
-            continue
-        components, n = ndimage.label(labels[box] == value, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        crop = out[box]  # a view: writing into it writes into ``out``
-        crop[(components != int(np.argmax(sizes))) & (components > 0)] = 0
-    return out
+class NonFiniteProbabilitiesError(ValueError):
+    """The ensemble's probabilities for an image contain NaN or infinity (a broken model)."""
 
 
 def segment_volume(
@@ -81,6 +52,12 @@ def segment_volume(
     """
     image, net_affine = preprocess_for_inference(volume, bundle.plan, device=config.device)
     probs = predict_probabilities(image, list(networks), config)
+    if not bool(torch.isfinite(probs).all()):  # argmax of NaN is background: never an "ok" mask
+        raise NonFiniteProbabilitiesError(
+            f"the model's probabilities for {volume.case_id or 'this image'} contain NaN or infinity "
+            "(non-finite weights, or an overflow in the network); no mask is written. Use another "
+            "model version, or retrain this one"
+        )
     if return_probabilities:
         back = resample_to_grid(
             probs.float(), net_affine, volume.affine_ras, volume.spatial_shape, mode="linear"
@@ -90,8 +67,9 @@ def segment_volume(
     else:
         labels = resample_argmax(probs, net_affine, volume.affine_ras, volume.spatial_shape)
         probabilities = None
-    if bundle.postprocessing.get("largest_component", False):
-        labels = keep_largest_component(labels, sorted(bundle.label_names))
+    values = largest_component_values(bundle.postprocessing, bundle.label_names)
+    if values:  # only the labels whose decision (bundle.json) is on; see pipeline.postprocessing
+        labels = keep_largest_component(labels, values)
     return labels, probabilities
 
 

@@ -9,6 +9,8 @@ Display conventions (radiological, what a reviewer expects from a PACS viewer):
   superior at the top. Sagittal: anterior on the left, superior at the top. Edge letters mark it.
 * Pixel aspect ratio comes from the RAS voxel spacing, so anisotropic voxels look anatomical.
 * Slices pass through the centroid of the largest labelled structure (volume centre if empty).
+* A view one voxel thick (the coronal and sagittal views of a single-slice series) is drawn as
+  the image without contours: a contour needs at least two rows and two columns.
 * Intensities: a (width, level) window if given; otherwise CT W400/L40 when the image looks like
   Hounsfield units (it contains air, <= -900), else the 0.5-99.5 percentile range (MR).
 
@@ -196,9 +198,12 @@ def _draw_view(ax, view, image, mask, spacing, centre, colours, display_range) -
         interpolation="nearest",
     )
     rows, cols = np.arange(lab.shape[0]), np.arange(lab.shape[1])
+    # A contour needs a 2x2 grid: a view through a single-slice series is one voxel thick, so it
+    # is drawn as the image alone (the axial view still shows the contours).
+    drawable = min(lab.shape) >= 2
     for value, colour in colours.items():
         region = lab == value
-        if region.any() and not region.all():
+        if drawable and region.any() and not region.all():
             ax.contour(cols, rows, region.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.6)
     ax.set_title(name, color="white", fontsize=10)
     ax.set_axis_off()

@@ -186,7 +186,12 @@ class Tracker:
             self.client.log_artifact(self._run(), str(path), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run: ``FINISHED``, ``FAILED`` (an error) or ``KILLED`` (interrupted by the user)."""
         self.client.set_terminated(self._run(), status=status)
+
+    def status(self) -> str:
+        """The run's MLflow status (``RUNNING``, ``FINISHED``, ``FAILED``, ``KILLED``, ...)."""
+        return str(self.client.get_run(self._run()).info.status)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """``[(step, value), ...]`` of a metric of this run."""
@@ -226,8 +231,30 @@ class NullTracker(Tracker):
     def end(self, status: str = "FINISHED") -> None:
         pass
 
+    def status(self) -> str:
+        return ""
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
+
+
+def end_run_status(exc: BaseException) -> str:
+    """MLflow status for a run that stops because of ``exc``: ``KILLED`` for Ctrl-C, else ``FAILED``."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def end_runs_quietly(trackers: list[Tracker], status: str) -> None:
+    """End each still-running run with ``status``; a tracking error here is logged, never raised.
+
+    Used on error paths, where the original exception must reach the user rather than a second
+    error from an unreachable tracking store; runs that already ended keep their status.
+    """
+    for tracker in trackers:
+        try:
+            if tracker.run_id is not None and tracker.status() in ("RUNNING", "SCHEDULED"):
+                tracker.end(status)
+        except Exception as exc:  # the store may be the reason we are failing
+            logger.warning("could not mark MLflow run %s as %s: %s", tracker.run_id, status, exc)
 
 
 def check_tracking_reachable(uri: str | None = None) -> str:
@@ -237,8 +264,11 @@ def check_tracking_reachable(uri: str | None = None) -> str:
     unreachable server cost minutes before the job can say so.
     """
     uri = uri or tracking_uri()
-    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    # No retries, and a short timeout unless the user chose one (a silent host would take 120 s).
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in probe}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", probe["MLFLOW_HTTP_REQUEST_TIMEOUT"])
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         return ""
@@ -246,10 +276,11 @@ def check_tracking_reachable(uri: str | None = None) -> str:
         logger.warning("MLflow tracking store %s is not reachable: %s", uri, exc)
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def set_global_uri(uri: str) -> None:

@@ -4,12 +4,16 @@ What is logged, and what is deliberately not:
 
 * params: model name/version/URI and the non-identifying run settings; tags: ``medseg.job=predict``;
 * metrics: case counts by status and per-label mean/median Dice, HD95, NSD and predicted volume;
-* artifacts: ``cases.csv`` (and the same as an MLflow table ``cases.json``) *without* the ``source``
-  column, ``failures.csv``, ``summary.json``, and QC pictures ``qc/<case_id>.png``.
+* artifacts: ``cases.csv`` (and the same as an MLflow table ``cases.json``) reduced to
+  :data:`LOGGED_TEXT_COLUMNS` and the numeric columns, ``failures.csv`` (``case_id, reason_code``),
+  ``summary.json``, and QC pictures ``qc/<case_id>.png``.
 
 Case ids are pseudonymous (salted hashes of SeriesInstanceUIDs, or the hospital's own NIfTI
-names). Source paths, which may contain patient names, never leave the output folder; failure
-reasons are scrubbed of paths and UID-like strings before logging.
+names). Free text never leaves the output folder: not the source paths (folders are often named
+after the patient, ``SMITH JOHN 19231117/CT/...``) and not the failure reasons, which quote paths
+and file contents. What MLflow gets instead is the ``reason_code`` each row was given where it
+was made, from the kind of failure only (``read:IngestError``, ``incompatible_modality``...); no
+after-the-fact scrubbing of text, which cannot know where a name ends.
 
 If the tracking server cannot be reached, nothing is raised: the masks and CSVs are already on
 disk, a warning says what was not logged, and the caller turns ``False`` into exit code 4.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import math
 import shutil
 import tempfile
 import time
@@ -32,8 +36,10 @@ from pipeline.tracking import Tracker, check_tracking_reachable, tracking_uri
 
 logger = logging.getLogger(__name__)
 
-_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/]?(?:[^\s\\/:'\"]+[\\/])+[^\s\\/:'\"]*")
-_UIDLIKE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+#: Text columns of ``cases.csv`` that may leave the hospital; every other text column (``source``,
+#: ``reason``...) stays in the output folder. Numeric columns (seconds, volumes, metrics) go too.
+LOGGED_TEXT_COLUMNS: tuple[str, ...] = ("case_id", "kind", "status", "reason_code", "model_fingerprint")
+_NEVER_LOGGED = frozenset({"source", "reason"})
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,51 @@ class BatchRunInfo:
     params: dict = field(default_factory=dict)
 
 
-def scrub_text(text: str) -> str:
-    """Remove file paths and UID-like dotted numbers from a free-text reason."""
-    return _UIDLIKE.sub("<uid>", _PATHLIKE.sub("<path>", str(text)))
-
-
 def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
-    """``cases.csv`` as it may leave the hospital: no source paths, scrubbed reasons."""
-    safe = table.drop(columns=[c for c in ("source",) if c in table.columns]).copy()
-    if "reason" in safe.columns:
-        safe["reason"] = safe["reason"].fillna("").map(scrub_text)
+    """``cases.csv`` as it may leave the hospital: :data:`LOGGED_TEXT_COLUMNS` and numeric columns.
+
+    A row without a ``reason_code`` (made by an older version) that is not ok gets its status as
+    the code; text is made printable (a surrogate-escaped byte of an odd file name becomes ``\\xe9``).
+    """
+    columns = {c: table[c] for c in table.columns if c in LOGGED_TEXT_COLUMNS}
+    for c in table.columns:
+        numbers = None if c in columns or c in _NEVER_LOGGED else _as_numbers(table[c])
+        if numbers is not None:
+            columns[c] = numbers
+    safe = pd.DataFrame(columns, index=table.index)
+    codes = safe["reason_code"] if "reason_code" in safe.columns else pd.Series("", index=safe.index)
+    codes = codes.fillna("").astype(str)
+    status = safe["status"].fillna("").astype(str) if "status" in safe.columns else codes
+    safe["reason_code"] = codes.where((codes != "") | (status == "ok"), status)
+    for column in safe.columns:
+        if safe[column].dtype == object:
+            safe[column] = safe[column].map(printable_text)
     return safe
+
+
+def _as_numbers(column: pd.Series) -> pd.Series | None:
+    """The column as floats when every non-empty cell is a number (a CSV read back keeps "" for
+    missing values, which makes a metric column text); ``None`` for a text column."""
+    if pd.api.types.is_bool_dtype(column):
+        return None
+    if pd.api.types.is_numeric_dtype(column):
+        return column
+    filled = column.where(column.astype(str).str.strip() != "")
+    if not filled.notna().any():
+        return None
+    numbers = pd.to_numeric(filled, errors="coerce")
+    return numbers if bool((numbers.notna() == filled.notna()).all()) else None
+
+
+def printable_text(value: object) -> object:
+    """``value`` with surrogate-escaped bytes (undecodable file names) as ``\\xNN``; non-strings unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def log_batch_run(info: BatchRunInfo, out_dir: Path, qc_sample: int | None = None) -> bool:
@@ -110,7 +150,8 @@ def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None
             run.log_metrics(_summary_metrics(summary), step=0)
             safe = loggable_cases(table)
             safe.to_csv(tmp / "cases.csv", index=False)
-            safe[safe["status"] == "error"][["case_id", "reason"]].to_csv(tmp / "failures.csv", index=False)
+            failed = safe[safe["status"] == "error"] if "status" in safe.columns else safe.iloc[:0]
+            failed[["case_id", "reason_code"]].to_csv(tmp / "failures.csv", index=False)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             for name in ("cases.csv", "failures.csv", "summary.json"):
                 run.log_artifact(tmp / name)
@@ -136,7 +177,7 @@ def _summary_metrics(summary: dict) -> dict[str, float]:
         for metric, stats in per_metric.items():
             for stat in ("mean", "median"):
                 value = stats.get(stat) if isinstance(stats, dict) else None
-                if value is not None and value == value:  # skip NaN
+                if isinstance(value, (int, float)) and math.isfinite(value):  # null: undefined
                     metrics[f"{metric}_{label}_{stat}"] = float(value)
     return metrics
 

@@ -39,6 +39,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.losses import DeepSupervisionLoss
 from pipeline.optimization import make_optimizer, make_scheduler, set_schedule_length
+from pipeline.postprocessing import OofDice
 from pipeline.sliding_window import InferenceConfig
 from pipeline.tracking import Tracker
 from pipeline.training_data import FoldData, make_fold_data
@@ -50,6 +51,14 @@ logger = logging.getLogger(__name__)
 
 EPOCH_LOG = "epochs.jsonl"
 QC_PICTURE = "qc_best.png"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss or the weights of a fold became NaN/Inf.
+
+    The fold stops at once: the diverged epoch gets no checkpoint (``checkpoint_last.pt`` keeps the
+    last finite epoch, so ``--resume`` with a lower learning rate can continue) and is never the best.
+    """
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FoldResult:
-    """Outcome of one fold (``best_dice`` = mean foreground validation Dice at ``best_epoch``)."""
+    """Outcome of one fold (``best_dice`` = mean foreground validation Dice at ``best_epoch``).
+
+    ``oof_dice``: the best checkpoint's out-of-fold Dice per validation case and label, without
+    and with keeping the largest connected component (``pipeline.postprocessing.OofDice``);
+    empty when the fold has no best checkpoint or no validation cases.
+    """
 
     fold: int
     best_dice: float
@@ -107,6 +121,7 @@ class FoldResult:
     epochs_run: int
     best_checkpoint: str
     run_id: str | None = None
+    oof_dice: OofDice = field(default_factory=dict)
 
 
 def build_fold_network(plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
@@ -145,7 +160,7 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, config: TrainConfig) -> dic
     lr = loop.optimizer.param_groups[0]["lr"]
     batches = iter(loader)
     loop.model.train()
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         try:
             batch = next(batches)
@@ -163,6 +178,8 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, config: TrainConfig) -> dic
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             outputs = loop.model(image)
         loss = loop.loss_fn(outputs, label)
+        if not torch.isfinite(loss.detach()):  # one sync per step, as the loss log below
+            raise TrainingDivergedError(f"the training loss became {float(loss.detach())} at iteration {step + 1}")
         loop.scaler.scale(loss).backward()
         loop.scaler.unscale_(loop.optimizer)
         nn.utils.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
@@ -269,7 +286,15 @@ def train_fold(
     )
     for epoch in bar:
         _seed_augmentation(train_ds, seed * 100003 + epoch)
-        metrics = train_one_epoch(loop, loader, config)
+        try:
+            metrics = train_one_epoch(loop, loader, config)
+            _check_finite_weights(loop.model)
+        except TrainingDivergedError as exc:
+            raise TrainingDivergedError(
+                f"fold {data.fold}, epoch {epoch}: {exc}; the fold was stopped and this epoch was not "
+                f"checkpointed. Lower learning_rate (now {config.learning_rate:g}) or check the training "
+                "images for extreme values"
+            ) from None
         result = None
         if epoch % config.val_every == 0 or epoch == config.epochs:
             result = validate(loop.model, val_cases, labels, inference)
@@ -283,7 +308,14 @@ def train_fold(
         tracker.log_metrics(metrics, step=epoch)
         _append_epoch_log(work, epoch, metrics)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", dice=f"{loop.best_dice:.3f}")
-    return _finish(loop, data, work, tracker)
+    oof = out_of_fold_dice(loop.model, work / BEST, val_cases, labels, inference)
+    return _finish(loop, data, work, tracker, oof)
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDivergedError(f"{len(bad)} weight tensor(s) became NaN/Inf (first: {bad[0]})")
 
 
 def _seed_augmentation(dataset: Dataset, seed: int) -> None:
@@ -331,7 +363,26 @@ def _append_epoch_log(work: Path, epoch: int, metrics: dict[str, float]) -> None
         fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
 
 
-def _finish(loop: _Loop, data: FoldData, work: Path, tracker: Tracker) -> FoldResult:
+def out_of_fold_dice(
+    model: nn.Module,
+    best: Path,
+    cases: list[ValidationCase],
+    labels: dict[int, str],
+    inference: InferenceConfig,
+) -> OofDice:
+    """The best checkpoint's Dice on the fold's validation cases, without and with largest component.
+
+    One more pass of the validation engine with the best weights (the epoch loop's model holds
+    the last epoch's): the out-of-fold predictions on which ``medseg train`` decides the
+    post-processing per label. Loads the best weights into ``model``.
+    """
+    if not cases or not best.is_file():
+        return {}
+    model.load_state_dict(load_checkpoint(best, map_location=inference.device)["model"])
+    return validate(model, cases, labels, inference, largest_component=True).oof_dice
+
+
+def _finish(loop: _Loop, data: FoldData, work: Path, tracker: Tracker, oof: OofDice) -> FoldResult:
     if (work / BEST).is_file():
         tracker.log_artifact(work / BEST, "checkpoints")
     if (work / QC_PICTURE).is_file():
@@ -346,4 +397,5 @@ def _finish(loop: _Loop, data: FoldData, work: Path, tracker: Tracker) -> FoldRe
         loop.epoch,
         str(work / BEST),
         tracker.run_id,
+        oof,
     )

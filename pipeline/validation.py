@@ -15,6 +15,7 @@ import torch
 from monai.metrics import compute_dice
 from torch import nn
 
+from pipeline.postprocessing import OofDice, keep_largest_component
 from pipeline.sliding_window import InferenceConfig, predict_probabilities
 
 
@@ -30,12 +31,18 @@ class ValidationCase:
 
 @dataclass
 class ValidationResult:
-    """Mean foreground Dice over labels (each label averaged over cases) and the first case's prediction."""
+    """Mean foreground Dice over labels (each label averaged over cases) and the first case's prediction.
+
+    ``oof_dice`` (only with ``validate(..., largest_component=True)``): per case, per label, the
+    Dice ``{"without": ..., "with": ...}`` keeping only the largest connected component, the
+    input of the per-label post-processing decision (``pipeline.postprocessing``).
+    """
 
     mean_dice: float
     per_label: dict[str, float]
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)
     first_prediction: np.ndarray | None = None
+    oof_dice: OofDice = field(default_factory=dict)
 
 
 def dice_per_label(pred: np.ndarray, gt: np.ndarray, labels: Mapping[int, str]) -> dict[str, float]:
@@ -57,7 +64,11 @@ def dice_per_label(pred: np.ndarray, gt: np.ndarray, labels: Mapping[int, str]) 
 
 
 def validate(
-    model: nn.Module, cases: Sequence[ValidationCase], labels: Mapping[int, str], config: InferenceConfig
+    model: nn.Module,
+    cases: Sequence[ValidationCase],
+    labels: Mapping[int, str],
+    config: InferenceConfig,
+    largest_component: bool = False,
 ) -> ValidationResult:
     """Segment every validation case with ``model`` and score it.
 
@@ -66,10 +77,15 @@ def validate(
         cases: preprocessed validation volumes.
         labels: foreground label value -> name.
         config: sliding-window settings (ROI = plan patch size).
+        largest_component: also score each label with only its largest connected component
+            kept (``ValidationResult.oof_dice``). One label's component removal turns voxels
+            into background only, so cleaning all labels at once gives each label's Dice as if
+            it alone were cleaned.
     """
     was_training = model.training
     model.eval()
     per_case: dict[str, dict[str, float]] = {}
+    oof: OofDice = {}
     first = None
     try:
         for case in cases:
@@ -78,8 +94,14 @@ def validate(
             if first is None:
                 first = pred
             per_case[case.case_id] = dice_per_label(pred, case.label, labels)
+            if largest_component:
+                cleaned = dice_per_label(keep_largest_component(pred, list(labels)), case.label, labels)
+                oof[case.case_id] = {
+                    name: {"without": per_case[case.case_id][name], "with": cleaned[name]}
+                    for name in labels.values()
+                }
     finally:
         model.train(was_training)
     per_label = {name: float(np.mean([d[name] for d in per_case.values()])) for name in labels.values()}
     mean = float(np.mean(list(per_label.values()))) if per_label else math.nan
-    return ValidationResult(mean, per_label, per_case, first)
+    return ValidationResult(mean, per_label, per_case, first, oof)

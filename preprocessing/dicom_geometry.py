@@ -6,13 +6,22 @@ the row direction cosine ``r`` (increasing column index) then the column directi
 (along c), column spacing (along r)]``. Slices are ordered by ``IPP . n`` -- never by
 InstanceNumber or file name -- and the slice spacing comes from the positions, not from
 SliceThickness.
+
+Values are checked before they become an affine: positions and direction cosines must be finite,
+and every spacing (PixelSpacing, the step measured between positions) must lie in the physical
+range :data:`MIN_SPACING_MM` .. :data:`MAX_SPACING_MM`; a negative spacing is refused, never
+taken as its absolute value (its sign is not a convention).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from preprocessing.errors import GeometryError, IngestError
 
@@ -21,6 +30,37 @@ _UNIT_TOL = 1e-3  # direction cosines written with ~6 decimals are unit/orthogon
 ORIENTATION_TOL = 1e-4
 SPACING_TOL_MM = 1e-4
 _DUPLICATE_TOL_MM = 1e-3
+#: Plausible voxel sizes in mm: 1 micrometre (micro-CT, microscopy) to 10 cm (a sparse localizer).
+#: Outside it a header is wrong (a unit error, a writer bug) and every volume in mL would be too.
+MIN_SPACING_MM = 1e-3
+MAX_SPACING_MM = 100.0
+
+
+def check_spacing_mm(values: Sequence[float] | np.ndarray | float, what: str) -> None:
+    """Refuse a voxel spacing that is not finite, not positive, or physically implausible.
+
+    Args:
+        values: one or more spacings in mm.
+        what: the tag or quantity, named in the message (e.g. ``"PixelSpacing"``).
+
+    Raises:
+        GeometryError: naming ``what``, its values and the accepted range.
+    """
+    numbers = [float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64))]
+    shown = numbers[0] if len(numbers) == 1 else numbers
+    if not all(math.isfinite(v) for v in numbers):
+        raise GeometryError(f"{what} {shown} is not a finite number; the voxel size is unknown")
+    if any(v <= 0 for v in numbers):
+        sign = "negative" if any(v < 0 for v in numbers) else "zero"
+        raise GeometryError(
+            f"{what} {shown} is {sign}: a spacing must be positive (its sign is not a convention, it is "
+            "never taken as its absolute value); fix the header"
+        )
+    if any(not MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in numbers):
+        raise GeometryError(
+            f"{what} {shown} mm is outside the plausible physical range {MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm "
+            "(a unit or header error); fix the header"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,11 +94,22 @@ def stack_geometry(
         The slice order and the voxel -> LPS affine.
 
     Raises:
-        GeometryError: invalid orientation, duplicate positions, a missing slice (gap), uneven
-            spacing, or a sheared stack (gantry tilt); the message says which and where.
+        GeometryError: non-finite positions or orientation, a spacing outside
+            :func:`check_spacing_mm`'s range, invalid orientation, duplicate positions, a missing
+            slice (gap), uneven spacing, or a sheared stack (gantry tilt); the message says which.
     """
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     iop = np.asarray(orientation, dtype=np.float64)
+    if not np.all(np.isfinite(positions)):
+        bad = positions[~np.all(np.isfinite(positions), axis=1)][0]
+        n_bad = int(np.sum(~np.all(np.isfinite(positions), axis=1)))
+        raise GeometryError(
+            f"ImagePositionPatient is not finite in {n_bad} slice(s) (e.g. {bad.tolist()}); "
+            "those slices cannot be placed in the world"
+        )
+    if not np.all(np.isfinite(iop)):
+        raise GeometryError(f"ImageOrientationPatient {iop.tolist()} is not finite")
+    check_spacing_mm(pixel_spacing, "PixelSpacing")
     row_cos, col_cos = iop[:3], iop[3:]
     if (
         abs(np.linalg.norm(row_cos) - 1) > _UNIT_TOL
@@ -74,6 +125,12 @@ def stack_geometry(
     order = np.argsort(dist, kind="stable")
     dist, positions = dist[order], positions[order]
     spacing_k = _slice_spacing(dist, single_slice_spacing_mm)
+    check_spacing_mm(
+        spacing_k,
+        "slice spacing measured from ImagePositionPatient"
+        if dist.size > 1
+        else "SpacingBetweenSlices/SliceThickness of the single slice",
+    )
     _check_no_shear(positions, normal)
     affine = np.eye(4)
     affine[:3, 0] = row_cos * float(pixel_spacing[1])
@@ -169,6 +226,20 @@ def rescale_stack(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -
     out *= slopes.astype(np.float32)[:, None, None]
     out += intercepts.astype(np.float32)[:, None, None]
     return out
+
+
+def check_grayscale(ds: Dataset, path: str | os.PathLike) -> None:
+    """Refuse a PALETTE COLOR image: its stored values index a colour table, they measure nothing.
+
+    A grayscale model must never see palette indices (they are ordered by the palette's author,
+    not by density or signal); applying the palette would give colour, which no model here takes.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric == "PALETTE COLOR":
+        raise IngestError(
+            f"{path}: PALETTE COLOR image (PhotometricInterpretation): its pixel values are indices "
+            "into a colour palette, not measurements; not supported (export a grayscale series)"
+        )
 
 
 def check_same(values: list, what: str, atol: float = 0.0) -> None:

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from preprocessing.dicom_geometry import (
     ORIENTATION_TOL,
     SPACING_TOL_MM,
+    check_grayscale,
     check_same,
     rescale_stack,
     stack_geometry,
@@ -55,6 +56,7 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
         raise IngestError(f"{path}: enhanced object has no frames")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
+    check_grayscale(ds, path)
     shared_item = shared[0] if shared else Dataset()
     positions, orientations, spacings, slopes, intercepts = [], [], [], [], []
     for f, item in enumerate(per_frame):
@@ -63,9 +65,15 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
         measures = _group(item, shared_item, "PixelMeasuresSequence")
         if plane is None or orient is None or measures is None:
             raise IngestError(f"{path}: frame {f} lacks plane position, orientation or pixel measures")
-        positions.append([float(v) for v in plane.ImagePositionPatient])
-        orientations.append([float(v) for v in orient.ImageOrientationPatient])
-        spacings.append([float(v) for v in measures.PixelSpacing])
+        try:
+            positions.append([float(v) for v in plane.ImagePositionPatient])
+            orientations.append([float(v) for v in orient.ImageOrientationPatient])
+            spacings.append([float(v) for v in measures.PixelSpacing])
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise IngestError(
+                f"{path}: frame {f}: missing or malformed ImagePositionPatient, ImageOrientationPatient "
+                f"or PixelSpacing ({exc})"
+            ) from exc
         transform = _group(item, shared_item, "PixelValueTransformationSequence")
         source = transform if transform is not None else ds
         slopes.append(float(source.get("RescaleSlope", 1) or 1))

@@ -23,6 +23,7 @@ from pydicom.multival import MultiValue
 from preprocessing.dicom_geometry import (
     ORIENTATION_TOL,
     SPACING_TOL_MM,
+    check_grayscale,
     check_same,
     rescale_stack,
     stack_geometry,
@@ -61,8 +62,10 @@ def read_dicom_series(paths: list[Path] | tuple[Path, ...], *, decode_threads: i
 
     Raises:
         IngestError: unreadable files, duplicate SOP instances, mismatched rows/columns/spacing,
-            truncated or undecodable pixel data, colour images.
-        GeometryError: mixed orientations, gaps, uneven spacing, duplicate positions, gantry tilt.
+            files of different patients, studies or frames of reference, truncated or
+            undecodable pixel data, colour and PALETTE COLOR images.
+        GeometryError: mixed orientations, gaps, uneven spacing, duplicate positions, gantry tilt,
+            non-finite positions, spacings that are not positive or outside 1e-3..100 mm.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -106,6 +109,7 @@ def _read_single_frame_series(
             f"duplicate SOP instances: {n_dup} file(s) repeat a SOPInstanceUID already in the series"
         )
     check_same([h["size"] for h in headers], "rows/columns")
+    check_same_identity(datasets)
     check_same([h["iop"] for h in headers], "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
     check_same([h["spacing"] for h in headers], "PixelSpacing", atol=SPACING_TOL_MM)
     first = datasets[0]
@@ -168,9 +172,28 @@ def _slice_header(ds: Dataset, path: Path) -> dict:
         raise IngestError(f"{path}: missing Rows/Columns")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
+    check_grayscale(ds, path)
     if header["slope"] == 0:
         header["slope"] = 1.0  # a zero slope is a writer bug; DICOM readers conventionally treat it as 1
     return header
+
+
+_IDENTITY_TAGS = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def check_same_identity(datasets: list[Dataset]) -> None:
+    """Refuse files of different patients, studies or frames of reference stacked as one series.
+
+    Discovery already splits such groups into separate cases; this guards direct callers. The
+    message names the tag but not its values (PatientID is identifying).
+    """
+    for keyword in _IDENTITY_TAGS:
+        values = {str(ds.get(keyword, "") or "") for ds in datasets}
+        if len(values) > 1:
+            raise IngestError(
+                f"the files mix {len(values)} different {keyword} values under one SeriesInstanceUID; "
+                "read each group as its own series"
+            )
 
 
 def _decimals(ds: Dataset, tag: int) -> list[float] | None:

@@ -68,6 +68,20 @@ def ras_to_lps(affine_ras: np.ndarray) -> np.ndarray:
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+PSEUDONYM_SALT_ENV = "MEDSEG_PSEUDONYM_SALT"
+# Public (it is in the source code): ids made with it can be recomputed by anyone holding the UID.
+DEFAULT_PSEUDONYM_SALT = "medseg-v1"
+
+
+def pseudonym_salt_is_public() -> bool:
+    """True when ``MEDSEG_PSEUDONYM_SALT`` is unset or empty (or the published default).
+
+    Case ids are then reversible by anyone who holds the series' UIDs (a PACS user, a vendor): they
+    hash every UID they know with the public salt and compare. A site sets its own secret salt.
+    """
+    return os.environ.get(PSEUDONYM_SALT_ENV, "") in ("", DEFAULT_PSEUDONYM_SALT)
+
+
 def pseudonymous_case_id(key: str, salt: str | None = None) -> str:
     """A stable, non-identifying case id for a DICOM series (or any identifying key).
 
@@ -75,7 +89,7 @@ def pseudonymous_case_id(key: str, salt: str | None = None) -> str:
     across runs (resume, joins with ground truth) but reveals neither the UID nor the patient.
     The salt comes from ``MEDSEG_PSEUDONYM_SALT`` when set; a hospital should set its own secret.
     """
-    salt = salt if salt is not None else os.environ.get("MEDSEG_PSEUDONYM_SALT", "medseg-v1")
+    salt = salt if salt is not None else os.environ.get(PSEUDONYM_SALT_ENV, DEFAULT_PSEUDONYM_SALT)
     digest = hashlib.sha256(f"{salt}\0{key}".encode()).hexdigest()
     return f"case-{digest[:12]}"
 

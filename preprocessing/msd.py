@@ -4,6 +4,11 @@ An MSD dataset folder holds ``dataset.json``, ``imagesTr/`` and ``labelsTr/``. I
 one 4D NIfTI per case (``X, Y, Z, C``) or one 3D file per channel named ``<case>_0000.nii.gz``,
 ``<case>_0001.nii.gz``, ... (nnU-Net v2 style). Labels are 3D integer NIfTI files on the same grid.
 
+Validation (before any training, like ``medseg predict``'s reader): every image and label is read in
+full; a truncated or corrupt file, NaN/Inf image voxels, label values that are not integers, not
+declared in ``dataset.json`` or outside 0..255 (:data:`MAX_LABEL_VALUE`: masks and label maps are 8-bit)
+are a :class:`DatasetError` naming the case and the file.
+
 Patients: a ``training`` entry may carry ``patient_id``; alternatively a ``patients.csv`` next to
 ``dataset.json`` maps ``case_id,patient_id``. Patient ids are used only to keep a patient's cases in
 one cross-validation fold; they never leave this process (see ``preprocessing.splits``).
@@ -15,6 +20,7 @@ import csv
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -30,6 +36,11 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # Affines of an image and its label must agree to this many millimetres (float32 headers).
 _AFFINE_TOL_MM = 1e-3
+#: Largest label value: label maps are read and masks written as 8-bit (uint8), so larger values would
+#: wrap (256 -> background). Renumber such labels 1..K in dataset.json and the label files.
+MAX_LABEL_VALUE = 255
+# What nibabel / gzip / zlib raise on a truncated or corrupt file.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 
 
 @dataclass(frozen=True)
@@ -102,10 +113,22 @@ def read_msd_dataset(root: str | Path, check_geometry: bool = True) -> MsdDatase
         )
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{meta_path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(
+            f"{meta_path}: holds a JSON {type(meta).__name__}, expected an object with 'labels', 'modality' "
+            'and \'training\' (e.g. {"labels": {"0": "background", "1": "liver"}, "modality": {"0": "CT"}})'
+        )
     labels = _parse_index_map(meta.get("labels"), meta_path, "labels")
     labels.setdefault(0, "background")
+    out_of_range = {k: v for k, v in labels.items() if not 0 <= k <= MAX_LABEL_VALUE}
+    if out_of_range:
+        raise DatasetError(
+            f"{meta_path}: label values {sorted(out_of_range)} ({', '.join(out_of_range.values())}) are outside "
+            f"0..{MAX_LABEL_VALUE}; medseg keeps labels in 8 bits, so renumber them (e.g. 1..K) in dataset.json "
+            "and in the label files"
+        )
     modalities = _parse_index_map(meta.get("modality") or meta.get("channel_names"), meta_path, "modality")
     cases = _find_cases(root, meta)
     if not cases:
@@ -196,18 +219,20 @@ def _read_patients(root: Path, meta: dict) -> dict[str, str]:
 def validate_case(case: MsdCase, dataset: MsdDataset) -> None:
     """Check one case: channel count, image/label shape and affine, label values.
 
+    Reads every file in full: a truncated/corrupt file or NaN/Inf image voxels are errors too.
+
     Raises:
-        DatasetError: naming the case and the mismatch.
+        DatasetError: naming the case, the file and the problem.
     """
-    label_img = cast(nib.Nifti1Image, nib.load(str(case.label_path)))
+    label_img = _load(case.label_path, case)
     label_shape = tuple(int(s) for s in label_img.shape[:3])
     if len(label_img.shape) > 3 and int(np.prod(label_img.shape[3:])) != 1:
         raise DatasetError(
             f"case {case.case_id}: label {case.label_path.name} is not 3D (shape {label_img.shape})"
         )
     n_channels = 0
-    for path in case.image_paths:
-        img = cast(nib.Nifti1Image, nib.load(str(path)))
+    images = [(path, _load(path, case)) for path in case.image_paths]
+    for path, img in images:
         shape = tuple(int(s) for s in img.shape[:3])
         n_channels += int(np.prod(img.shape[3:])) if len(img.shape) > 3 else 1
         if shape != label_shape:
@@ -224,13 +249,44 @@ def validate_case(case: MsdCase, dataset: MsdDataset) -> None:
         raise DatasetError(
             f"case {case.case_id}: {n_channels} image channels but dataset.json declares {dataset.num_channels} modalities"
         )
-    values = np.unique(np.asarray(label_img.dataobj))
+    for path, img in images:
+        _check_finite(_read_voxels(img, path, case), path, case)
+    values = np.unique(_read_voxels(label_img, case.label_path, case))
     if not np.all(np.equal(np.round(values), values)):
         raise DatasetError(f"case {case.case_id}: label map has non-integer values; labels must be integers")
     unknown = sorted(set(int(v) for v in values) - set(dataset.labels))
     if unknown:
         raise DatasetError(
             f"case {case.case_id}: label values {unknown} are not declared in dataset.json labels {sorted(dataset.labels)}"
+        )
+
+
+def _load(path: Path, case: MsdCase) -> nib.Nifti1Image:
+    try:
+        return cast(nib.Nifti1Image, nib.load(str(path)))
+    except _READ_ERRORS as exc:
+        raise DatasetError(
+            f"case {case.case_id}: cannot read {path} ({type(exc).__name__}: {exc}); "
+            "the file is truncated or not a NIfTI image: copy or export it again, or remove the case"
+        ) from exc
+
+
+def _read_voxels(img: nib.Nifti1Image, path: Path, case: MsdCase) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj)
+    except _READ_ERRORS as exc:
+        raise DatasetError(
+            f"case {case.case_id}: cannot read the voxels of {path} ({type(exc).__name__}: {exc}); "
+            "the file is truncated or corrupt: copy or export it again, or remove the case"
+        ) from exc
+
+
+def _check_finite(data: np.ndarray, path: Path, case: MsdCase) -> None:
+    if data.dtype.kind in "fc" and not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise DatasetError(
+            f"case {case.case_id}: image {path.name} has {bad} NaN/Inf voxel(s); training on it would make "
+            "the network's weights NaN. Fix the image (e.g. replace NaN by the background value) or remove the case"
         )
 
 
@@ -249,5 +305,10 @@ def load_case_arrays(case: MsdCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         affine = img.affine if affine is None else affine
         channels.extend([data] if data.ndim == 3 else np.moveaxis(data.reshape(*data.shape[:3], -1), -1, 0))
     label = np.asarray(cast(nib.Nifti1Image, nib.load(str(case.label_path))).dataobj)
+    if label.size and (label.min() < 0 or label.max() > MAX_LABEL_VALUE):
+        raise DatasetError(
+            f"case {case.case_id}: label values outside 0..{MAX_LABEL_VALUE} in {case.label_path.name} "
+            f"(min {label.min()}, max {label.max()}); medseg keeps labels in 8 bits, renumber them"
+        )
     label = np.rint(label).astype(np.uint8).reshape(label.shape[:3])
     return np.stack(channels).astype(np.float32), label, np.asarray(affine, dtype=np.float64)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +27,14 @@ from preprocessing.msd import MsdDataset, load_case_arrays
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
+#: ``(patch_size, spacing_mm) -> (network options for that patch, per-axis divisor they need)``; the
+#: workflow builds it from ``networks.geometry_options`` + ``networks.required_divisor`` (this layer
+#: does not import networks).
+NetworkGeometry = Callable[
+    [tuple[int, int, int], tuple[float, float, float]], tuple[dict[str, Any], tuple[int, int, int]]
+]
+# Rounds of "topology from patch, patch to the topology's divisor" before the planner gives up.
+_MAX_GEOMETRY_ROUNDS = 8
 # Networks whose input must be a multiple of 32 (patch embedding + 5 downsamplings).
 _DIVISOR_32 = {"swin_unetr", "unetr"}
 
@@ -42,11 +51,13 @@ class PlanConfig:
             default ends up near 128^3 on a 10 GB card).
         anisotropy_threshold: spacing ratio above which the low-resolution axis gets the 10th
             percentile spacing instead of the median (nnU-Net).
-        divisor: per-axis divisor every patch size must be a multiple of (the network's
-            downsampling; the workflow fills it from ``networks.required_divisor`` -- this layer
-            does not import networks); ``None`` derives it from ``network_options["strides"]``
-            or falls back to 16 (32 for the transformers).
-        network_options: keyword arguments for ``networks.build_network``.
+        divisor: extra per-axis divisor every patch size must be a multiple of. With a network
+            geometry (``make_plan(..., geometry=...)``, what ``medseg train`` does) the network's own
+            divisor follows from its plan-derived topology and this is only added on top; without
+            one, ``None`` derives it from ``network_options["strides"]`` or falls back to 16 (32 for
+            the transformers).
+        network_options: the user's explicit keyword arguments for ``networks.build_network``; they
+            win over the options derived from the plan (the plan stores the merged result).
         foreground_samples_per_case: foreground voxels sampled per case for CT statistics.
     """
 
@@ -104,7 +115,9 @@ class Plan:
         normalization: one entry per input channel.
         modalities: channel index -> modality name.
         labels: label value -> name, background included.
-        network: name for ``networks.build_network``; ``network_options`` its keyword arguments.
+        network: name for ``networks.build_network``; ``network_options`` its keyword arguments,
+            resolved at planning time (the user's explicit options over the topology derived from
+            the patch and spacing), so a bundle rebuilds exactly the network it was trained with.
         median_shape: median case shape after resampling (voxels).
         fingerprint_sha256: hash of the dataset fingerprint.
     """
@@ -274,14 +287,96 @@ def normalization_for(modality: str, stats: dict[str, float]) -> ChannelNormaliz
     return ChannelNormalization("zscore")
 
 
-def make_plan(fingerprint: Fingerprint, network: str, config: PlanConfig = PlanConfig()) -> Plan:
-    """Plan preprocessing and patch geometry for ``network`` from a dataset fingerprint."""
+def _divisible(patch: tuple[int, ...], divisor: tuple[int, ...]) -> bool:
+    return all(p % d == 0 for p, d in zip(patch, divisor, strict=True))
+
+
+def _lcm(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(math.lcm(int(x), int(y)) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+
+def resolve_patch_and_network(
+    median_shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+    network: str,
+    config: PlanConfig,
+    geometry: NetworkGeometry | None = None,
+) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """Patch size and network options, resolved together as nnU-Net does.
+
+    The network's topology follows the patch (e.g. ``unet``'s strides), and the patch must be a
+    multiple of the topology's divisor. Without ``geometry`` the divisor is fixed (``config.divisor``,
+    or derived from ``network_options["strides"]``) and the options are ``config.network_options``.
+    With ``geometry``: the patch is planned first (``patch_size_for`` on the median shape; divisor
+    ``config.divisor`` or 1), then ``geometry(patch, spacing)`` gives the topology and its divisor,
+    the patch is rounded up to that divisor (and shrunk in divisor steps back within the budget), and
+    this repeats until the patch is a multiple of its own topology's divisor. A forced
+    ``config.patch_size`` is never changed: if its topology cannot take it, that is an error.
+
+    Returns:
+        ``(patch_size, network_options)``; the options are what ``networks.build_network`` gets.
+
+    Raises:
+        ValueError: a forced patch size the network cannot take, naming a size it can; or no
+            consistent patch found (the message says to set ``patch_size``).
+    """
+    if geometry is None:
+        divisor = _divisor(network, config)
+        patch = config.patch_size or patch_size_for(median_shape, spacing_mm, divisor, config.patch_voxel_budget)
+        return tuple(int(p) for p in patch), dict(config.network_options)  # type: ignore[return-value]
+    forced = _divisor(network, config) if config.divisor else (1, 1, 1)
+    if config.patch_size:
+        patch = cast(tuple[int, int, int], tuple(int(p) for p in config.patch_size))
+        options, needed = geometry(patch, spacing_mm)
+        needed = _lcm(needed, forced)
+        if not _divisible(patch, needed):
+            suggestion = tuple(int(math.ceil(p / d) * d) for p, d in zip(patch, needed, strict=True))
+            raise ValueError(
+                f"patch_size {patch} does not fit network '{network}': with this patch and spacing "
+                f"{spacing_mm} mm its input must be a multiple of {needed} per axis; use e.g. "
+                f"patch_size: {list(suggestion)}"
+            )
+        return patch, options
+    patch = patch_size_for(median_shape, spacing_mm, forced, config.patch_voxel_budget)
+    for _ in range(_MAX_GEOMETRY_ROUNDS):
+        options, needed = geometry(patch, spacing_mm)
+        needed = _lcm(needed, forced)
+        if _divisible(patch, needed):
+            return patch, options
+        patch = patch_size_for(patch, spacing_mm, needed, config.patch_voxel_budget)
+    raise ValueError(
+        f"could not plan a patch size for network '{network}' (median shape {median_shape}, spacing "
+        f"{spacing_mm} mm, last try {patch}); set patch_size in --config"
+    )
+
+
+def make_plan(
+    fingerprint: Fingerprint,
+    network: str,
+    config: PlanConfig = PlanConfig(),
+    geometry: NetworkGeometry | None = None,
+) -> Plan:
+    """Plan preprocessing, patch size and network geometry for ``network`` from a dataset fingerprint.
+
+    Args:
+        fingerprint: the dataset's spacings, shapes, intensities, labels.
+        network: name for ``networks.build_network``.
+        config: planner knobs and the user's explicit ``network_options``.
+        geometry: how the network's options and divisor follow from a patch and spacing (see
+            :func:`resolve_patch_and_network`); ``medseg train`` always gives it. ``None``: the
+            options are ``config.network_options`` as given and the divisor is fixed.
+    """
     spacing = config.target_spacing_mm or target_spacing(fingerprint, config.anisotropy_threshold)
     spacings = np.asarray(fingerprint.spacings_mm, dtype=np.float64)
     shapes = np.asarray(fingerprint.shapes, dtype=np.float64)
     median_shape = tuple(int(round(v)) for v in np.median(shapes * spacings / np.asarray(spacing), axis=0))
-    divisor = _divisor(network, config)
-    patch = config.patch_size or patch_size_for(median_shape, spacing, divisor, config.patch_voxel_budget)
+    patch, network_options = resolve_patch_and_network(
+        cast(tuple[int, int, int], median_shape),
+        cast(tuple[float, float, float], tuple(float(s) for s in spacing)),
+        network,
+        config,
+        geometry,
+    )
     norms = tuple(
         normalization_for(fingerprint.modalities.get(c, ""), fingerprint.foreground[c])
         for c in range(len(fingerprint.foreground))
@@ -301,17 +396,18 @@ def make_plan(fingerprint: Fingerprint, network: str, config: PlanConfig = PlanC
         modalities=dict(fingerprint.modalities),
         labels=labels,
         network=network,
-        network_options=dict(config.network_options),
+        network_options=network_options,
         median_shape=median_shape,  # type: ignore[arg-type]
         fingerprint_sha256=fingerprint.sha256(),
         dataset_name=fingerprint.dataset_name,
     )
     logger.info(
-        "plan: spacing %s mm, patch %s, batch %d, normalisation %s",
+        "plan: spacing %s mm, patch %s, batch %d, normalisation %s, network options %s",
         plan.spacing_mm,
         plan.patch_size,
         plan.batch_size,
         [n.scheme for n in norms],
+        plan.network_options,
     )
     return plan
 

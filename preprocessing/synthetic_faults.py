@@ -7,18 +7,27 @@ NIfTI file). The docstrings say what a careful reader should decide.
 
 Public: ``write_bad_gap_series``, ``write_bad_duplicate_instance``, ``write_bad_localizer_in_series``,
 ``write_bad_mismatched_size``, ``write_bad_truncated_pixels``, ``write_bad_gantry_tilt``,
-``write_bad_path_traversal``, ``write_bad_nan_nifti``, ``write_bad_truncated_nifti``.
+``write_bad_path_traversal``, ``write_bad_nan_nifti``, ``write_bad_truncated_nifti``,
+``write_bad_shared_series_uid``, ``write_bad_slice_attribute``, ``write_bad_palette_color``,
+``write_bad_truncated_header``, ``write_bad_single_slice``, ``write_bad_4d_nifti``,
+``write_bad_oversized_nifti``, ``write_bad_special_files``, ``write_bad_symlinks``.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.uid import UID
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
 
 from preprocessing.synthetic_dicom import (
     DicomSeriesSpec,
@@ -218,3 +227,205 @@ def write_bad_truncated_nifti(
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def _edit_files(paths: list[Path], edit: Callable[[int, Dataset], None]) -> None:
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        edit(k, ds)
+        save_dataset(ds, path)
+
+
+def write_bad_shared_series_uid(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    differ: str = "FrameOfReferenceUID",
+    spec: DicomSeriesSpec | None = None,
+    shape: tuple[int, int, int] = _SHAPE,
+) -> tuple[list[Path], list[Path]]:
+    """Two stacks in ``out_dir/a`` and ``out_dir/b`` with ONE SeriesInstanceUID that differ in ``differ``.
+
+    ``differ`` is "FrameOfReferenceUID", "StudyInstanceUID" or "PatientID". Stack b continues
+    stack a along the slice normal with its own SOPInstanceUIDs, so stacking both gives a
+    regular 2 x ``shape[2]``-slice volume that looks valid: a reader must split them (or refuse),
+    never merge two patients or two frames of reference. Returns (files of a, files of b).
+    """
+    changes: dict[str, Any] = {
+        "FrameOfReferenceUID": {"frame_of_reference_uid": generate_uid(entropy_srcs=[str(seed), "for-b"])},
+        "StudyInstanceUID": {"study_uid": generate_uid(entropy_srcs=[str(seed), "study-b"])},
+        "PatientID": {"patient_id": "SYNTH-PID-OTHER", "patient_name": "ROE^RICHARD^SYNTH"},
+    }[differ]
+    spec_a = spec or DicomSeriesSpec(seed=seed, series_description="SYNTH FAULT")
+    files_a, spec_a = _good_series(Path(out_dir) / "a", seed, spec_a, shape)
+    spec_b = replace(spec_a, **changes)
+    affine = orientation_affine("axial", _SPACING, shape=shape)
+    affine[:3, 3] += affine[:3, 2] * shape[2]  # b starts where a ends
+    image, _ = make_phantom(shape, modality=spec_b.modality, seed=seed + 1, affine_ras=affine)
+    files_b = write_dicom_series(image, affine, Path(out_dir) / "b", spec_b)
+
+    def new_sop(k: int, ds: Dataset) -> None:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(spec_a.instance_uid(1000 + k))
+
+    _edit_files(files_b, new_sop)
+    return files_a, files_b
+
+
+def write_bad_slice_attribute(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    keyword: str,
+    value: Any,
+    slices: str = "all",
+    spec: DicomSeriesSpec | None = None,
+    shape: tuple[int, int, int] = _SHAPE,
+) -> list[Path]:
+    """A series whose ``keyword`` is set to ``value`` (None deletes it) in ``slices``: "all" or "last".
+
+    E.g. ``PixelSpacing=["-0.8", "1.1"]`` (negative), ``["1e30", "1e30"]`` (implausible),
+    ``ImagePositionPatient=None`` on the last slice (it cannot be placed), ``["nan", 0, 0]``.
+    Values are written as given (decimal strings are not re-checked). Returns all files.
+    """
+    paths, _ = _good_series(out_dir, seed, spec, shape)
+    targets = range(len(paths)) if slices == "all" else [len(paths) - 1]
+
+    def edit(k: int, ds: Dataset) -> None:
+        if k not in targets:
+            return
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            ds[keyword].value = value
+
+    with pydicom.config.disable_value_validation():
+        _edit_files(paths, edit)
+    return paths
+
+
+def write_bad_palette_color(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    spec: DicomSeriesSpec | None = None,
+    shape: tuple[int, int, int] = _SHAPE,
+) -> list[Path]:
+    """A series stored as PALETTE COLOR (8-bit palette indices plus a grey-ramp-free colour LUT).
+
+    Its stored values index the palette; a grayscale reader must refuse it (or apply the palette
+    and say so), never hand the indices to a network. Returns all files.
+    """
+    paths, _ = _good_series(out_dir, seed, spec, shape)
+    ramp = np.arange(256, dtype=np.uint16)
+
+    def edit(k: int, ds: Dataset) -> None:
+        indices = (ds.pixel_array.astype(np.int32) % 256).astype(np.uint16)
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        ds.PixelRepresentation = 0
+        ds.BitsStored, ds.HighBit = 8, 7
+        ds.PixelData = indices.tobytes()
+        for colour, lut in (("Red", ramp[::-1]), ("Green", ramp), ("Blue", (ramp * 7) % 256)):
+            ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+            ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", (lut * 257).astype("<u2").tobytes())
+        for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth"):
+            if keyword in ds:
+                delattr(ds, keyword)
+
+    _edit_files(paths, edit)
+    return paths
+
+
+def write_bad_truncated_header(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    spec: DicomSeriesSpec | None = None,
+    shape: tuple[int, int, int] = _SHAPE,
+) -> list[Path]:
+    """A series whose LAST file is cut inside its header, after SeriesInstanceUID, before Rows.
+
+    Discovery then sees an image object without Rows/Columns; a careful reader reports the file
+    as truncated and the series as incomplete (the cut slice is an end slice: no gap shows it).
+    Returns all files.
+    """
+    paths, _ = _good_series(out_dir, seed, spec, shape)
+    victim = paths[-1]
+    data = victim.read_bytes()
+    ds = pydicom.dcmread(victim, stop_before_pixels=True)
+    # Cut just before the FrameOfReferenceUID element (0020,0052): SeriesInstanceUID (0020,000E)
+    # and the study/patient modules survive, the image plane and pixel modules do not.
+    marker = b"\x20\x00\x52\x00"
+    assert "FrameOfReferenceUID" in ds and marker in data
+    victim.write_bytes(data[: data.index(marker)])
+    return paths
+
+
+def write_bad_single_slice(
+    out_dir: str | Path, seed: int = 0, *, spec: DicomSeriesSpec | None = None, size: int = 32
+) -> list[Path]:
+    """A series of ONE slice (``size`` x ``size``): a 2D image with 3D geometry. Returns its file."""
+    paths, _ = _good_series(out_dir, seed, spec, (size, size, 1))
+    return paths
+
+
+def write_bad_4d_nifti(
+    path: str | Path, seed: int = 0, *, n_volumes: int = 3, shape: tuple[int, int, int] = _SHAPE
+) -> Path:
+    """A float32 NIfTI of shape (x, y, z, ``n_volumes``): a time series, not the channels of one image."""
+    affine = orientation_affine("axial", _SPACING, shape=shape)
+    image, _ = make_phantom(shape, seed=seed, affine_ras=affine)
+    stack = np.stack([image + 10.0 * t for t in range(n_volumes)], axis=-1).astype(np.float32)
+    return write_nifti(stack, affine, path)
+
+
+def write_bad_oversized_nifti(
+    path: str | Path, *, declared_shape: tuple[int, int, int] = (2048, 2048, 1024)
+) -> Path:
+    """A NIfTI whose header declares ``declared_shape`` int16 (8 GiB by default) but holds 1 KiB of data.
+
+    ``.nii`` or ``.nii.gz`` by the suffix. A reader must compare the declared size with the file
+    before allocating it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = nib.Nifti1Header()
+    header.set_data_shape(declared_shape)
+    header.set_data_dtype(np.int16)
+    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    header.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    header["vox_offset"] = 352
+    payload = header.binaryblock + b"\0" * 4 + b"\1" * 1024
+    if path.name.endswith(".gz"):
+        with gzip.GzipFile(path, "wb", mtime=0) as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def write_bad_special_files(out_dir: str | Path) -> list[Path]:
+    """A named pipe (FIFO) ``scan.dcm`` and ``image.nii.gz`` in ``out_dir``: opening one blocks for ever."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "scan.dcm", out / "image.nii.gz"]
+    for path in paths:
+        os.mkfifo(path)
+    return paths
+
+
+def write_bad_symlinks(out_dir: str | Path, target: str | Path) -> dict[str, Path]:
+    """Links in ``out_dir``: a loop to the folder itself, a self-loop, a broken link, and a link to
+    the folder ``target`` (outside ``out_dir``; followed once). Returns name -> link path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    links = {
+        "dir_loop": out / "back_to_parent",
+        "self_loop": out / "self_loop.dcm",
+        "broken": out / "broken.nii.gz",
+        "outside": out / "linked_series",
+    }
+    links["dir_loop"].symlink_to(".", target_is_directory=True)
+    links["self_loop"].symlink_to(links["self_loop"].name)
+    links["broken"].symlink_to("does_not_exist.nii.gz")
+    links["outside"].symlink_to(os.path.abspath(target), target_is_directory=True)
+    return links

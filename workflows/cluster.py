@@ -9,11 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
 logger = logging.getLogger(__name__)
+
+# Seconds to wait for the Dask handshake with an existing scheduler (Dask's default is 30 s of
+# retries, then a traceback); the CLI has already checked that something listens there.
+SCHEDULER_CONNECT_TIMEOUT_S = 10.0
+_CLOSE_QUIETLY = ("distributed", "tornado", "asyncio")
+
+
+class SchedulerUnreachableError(ValueError):
+    """No Dask scheduler answered at the ``--scheduler`` address (the CLI exits with code 2)."""
 
 
 @contextlib.contextmanager
@@ -24,6 +36,10 @@ def dask_client(
     threads_per_worker: int = 1,
 ) -> Iterator[Client]:
     """Yield a Dask client; close what we started on exit.
+
+    Ctrl-C (``KeyboardInterrupt``) propagates to the caller, but without Dask's tracebacks: the
+    local workers ignore SIGINT (the terminal sends it to the whole process group; closing the
+    cluster stops them) and Dask's loggers are lowered to CRITICAL before the cluster is closed.
 
     Args:
         workers: processes of a private ``LocalCluster`` (one thread each: our tasks are
@@ -39,17 +55,90 @@ def dask_client(
 
     Yields:
         A connected ``distributed.Client``.
+
+    Raises:
+        SchedulerUnreachableError: ``scheduler`` did not answer within
+            :data:`SCHEDULER_CONNECT_TIMEOUT_S` seconds.
     """
     if scheduler:
         logger.info("connecting to Dask scheduler %s", scheduler)
-        with Client(scheduler) as client:
+        with _connect(scheduler) as client, _quiet_on_interrupt():
             yield client
         return
     n = max(1, int(workers or 1))
-    with _local_cluster(n, resources, threads_per_worker) as cluster, Client(cluster) as client:
+    with (
+        _local_cluster(n, resources, threads_per_worker) as cluster,
+        Client(cluster) as client,
+        _quiet_on_interrupt(),
+    ):
+        client.register_plugin(IgnoreSigint(), name="medseg-ignore-sigint")
         client.wait_for_workers(n)
         logger.info("started a local Dask cluster with %d worker process(es)", n)
         yield client
+
+
+def _connect(scheduler: str, timeout_s: float | None = None) -> Client:
+    """A client of ``scheduler``, or :class:`SchedulerUnreachableError` within about ``timeout_s``.
+
+    Dask bounds the TCP connect by its timeout but waits for the scheduler's handshake for ever,
+    so a port that accepts and stays silent (not a Dask scheduler) would hang the command: the
+    connection is made on a helper thread that is abandoned when the deadline passes.
+    """
+    timeout_s = SCHEDULER_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    outcome: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = Client(scheduler, timeout=timeout_s)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=connect, name="medseg-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 2.0)  # Dask's own timeout fires first when nothing listens
+    error = outcome.get("error")
+    if isinstance(outcome.get("client"), Client):
+        return outcome["client"]  # type: ignore[return-value]
+    if error is not None and not isinstance(error, OSError):  # OSError includes TimeoutError
+        raise error  # type: ignore[misc]
+    detail = f"{error}" if error is not None else "something listens there but did not answer as Dask does"
+    raise SchedulerUnreachableError(
+        f"--scheduler {scheduler}: no Dask scheduler answered within {timeout_s:g} s ({detail}); "
+        "check the address and that the scheduler runs, or drop --scheduler to use a local cluster"
+    ) from (error if isinstance(error, BaseException) else None)
+
+
+@contextlib.contextmanager
+def _quiet_on_interrupt() -> Iterator[None]:
+    """On Ctrl-C, silence Dask before the cluster is closed (its cancellations are expected)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _silence_dask_logs()
+        raise
+
+
+def _silence_dask_logs(*_signal_args: object) -> None:
+    """Lower Dask's loggers (and the event loop's) to CRITICAL in this process."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _CLOSE_QUIETLY]
+    for name in {*_CLOSE_QUIETLY, *names}:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Local workers survive Ctrl-C; the client process handles it and closes the cluster.
+
+    The terminal sends SIGINT to the whole process group. Without this every worker process
+    dies of its own ``KeyboardInterrupt`` and prints a traceback, and the tasks cancelled by the
+    close log ``CancelledError``, over the CLI's "interrupted" message. With it a worker only goes
+    quiet, and the close that follows stops it.
+    """
+
+    def setup(self, worker) -> None:
+        # Worker processes run their event loop, and so this hook, on their main thread; a
+        # worker in this process (threads, tests) has no signals of its own to change.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, _silence_dask_logs)
 
 
 def _local_cluster(n: int, resources: dict[str, float] | None, threads_per_worker: int = 1) -> LocalCluster:

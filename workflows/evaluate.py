@@ -5,13 +5,18 @@
 * One CSV row per (case, label): :data:`COLUMNS`; distances in millimetres from the prediction's
   voxel spacing. A case present on one side only is an ``error`` row; so is an unreadable file.
 * A ground truth on a different grid (shape or affine) is resampled (nearest neighbour, world
-  coordinates) onto the prediction grid, with a warning and a ``reason`` saying so.
+  coordinates) onto the prediction grid, with a warning and a ``reason`` saying so (and how much of
+  the prediction grid it covers, when not all). A ground truth that does not overlap the
+  prediction grid at all is an ``error`` row: its Dice 0 would score a mix-up of files.
 * Label names come from a ``dataset.json`` (MSD / nnU-Net v2) in GT or its parent folder; without
   one, each case is scored on the label values present in its prediction or ground truth, named by
-  their integer value.
+  their integer value. A case whose masks are both empty then gets one row, label
+  :data:`FOREGROUND` (any non-zero value), Dice 1, distances 0, ``empty`` = ``both``. Values in a
+  mask that ``dataset.json`` does not declare are not scored; a warning and the ``reason`` say so.
 * ``<out stem>_summary.json`` holds :func:`pipeline.metrics.summarize_metrics` of the ok rows.
 
-Exit codes: 0 all cases scored, 3 some error rows, 2 bad arguments (raised as ValueError).
+Exit codes: 0 all cases scored, 3 some error rows, 2 bad arguments (raised as ValueError, before
+any case is read: e.g. ``--out`` is a folder).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pipeline.metrics import METRIC_NAMES, segmentation_metrics, summarize_metri
 from preprocessing.atomic import write_text_atomic
 from preprocessing.resample import resample_to_grid
 from preprocessing.volume_io import read_volume
+from workflows.exit_codes import EXIT_OK, EXIT_PARTIAL
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +55,10 @@ COLUMNS = (
     "status",
     "reason",
 )
-EXIT_OK, EXIT_PARTIAL = 0, 3
+#: Label name of the single row of a case whose masks are both empty, without a dataset.json.
+FOREGROUND = "foreground"
 _AFFINE_ATOL_MM = 1e-3
+_FULL_COVERAGE = 0.999
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -64,6 +72,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--nsd-tolerance must be a positive number of millimetres; got {args.nsd_tolerance}"
         )
+    check_out_path(out)
     preds, gts = find_predictions(pred_dir), find_nifti_cases(gt_dir)
     if not preds and not gts:
         raise ValueError(f"no <case_id>.nii.gz in GT {gt_dir} and no predictions in PRED {pred_dir}")
@@ -81,6 +90,21 @@ def evaluate_command(args: argparse.Namespace) -> int:
     write_text_atomic(summary_path, json.dumps(_json_safe(summary), indent=1, allow_nan=False))
     _print_table(summary, out, summary_path)
     return EXIT_PARTIAL if any(r["status"] != "ok" for r in rows) else EXIT_OK
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become the metrics CSV, before anything is computed.
+
+    Raises:
+        ValueError: ``out`` is a folder, or lies under a file.
+    """
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'metrics.csv'}")
+    parent = out.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} lies under {parent}, which is a file; choose another path")
 
 
 def find_nifti_cases(folder: Path) -> dict[str, Path]:
@@ -145,28 +169,16 @@ def evaluate_case(
     try:
         pred_vol, gt_vol = read_volume(pred_path), read_volume(gt_path)
         pred, gt = _label_array(pred_vol.array, pred_path), _label_array(gt_vol.array, gt_path)
-        reason = ""
+        # Undeclared values are looked for before resampling, which may drop some of them.
+        notes = _undeclared_values(case_id, pred, gt, labels) if labels is not None else []
         same_grid = pred.shape == gt.shape and np.allclose(
             pred_vol.affine_ras, gt_vol.affine_ras, atol=_AFFINE_ATOL_MM
         )
         if not same_grid:
-            logger.warning(
-                "%s: ground truth grid (shape %s) differs from the prediction grid (shape %s) in shape or "
-                "affine; resampling it (nearest) onto the prediction grid",
-                case_id,
-                gt.shape,
-                pred.shape,
-            )
-            gt = resample_to_grid(
-                torch.from_numpy(gt[None].astype(np.int32)),
-                gt_vol.affine_ras,
-                pred_vol.affine_ras,
-                pred.shape,
-                mode="nearest",
-                padding="zeros",
-            )[0].numpy()
-            reason = "ground truth resampled (nearest) onto the prediction grid"
-        case_labels = labels if labels is not None else _present_labels(pred, gt)
+            gt, note = _gt_on_prediction_grid(case_id, gt, gt_vol.affine_ras, pred.shape, pred_vol.affine_ras)
+            notes.append(note)
+        # Without dataset.json and nothing on either side: one row for "any label", both empty.
+        case_labels = labels if labels is not None else (_present_labels(pred, gt) or {1: FOREGROUND})
         rows = segmentation_metrics(pred, gt, case_labels, pred_vol.spacing_mm, nsd_tolerance_mm=tolerance_mm)
     except Exception as exc:  # one bad case must not stop the batch; the row says why
         logger.error("%s: %s", case_id, exc)
@@ -176,10 +188,84 @@ def evaluate_case(
             "case_id": case_id,
             **{k: r[k] for k in ("label", *METRIC_NAMES, "empty")},
             "status": "ok",
-            "reason": reason,
+            "reason": "; ".join(notes),
         }
         for r in rows
     ]
+
+
+def _gt_on_prediction_grid(
+    case_id: str, gt: np.ndarray, gt_affine: np.ndarray, pred_shape: tuple, pred_affine: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """Resample the ground truth (nearest) onto the prediction grid; refuse a grid that misses it.
+
+    Returns:
+        The resampled ``(X, Y, Z)`` int32 label map and the note for the ``reason`` column.
+
+    Raises:
+        ValueError: no prediction voxel lies inside the ground truth's grid.
+    """
+    logger.warning(
+        "%s: ground truth grid (shape %s) differs from the prediction grid (shape %s) in shape or "
+        "affine; resampling it (nearest) onto the prediction grid",
+        case_id,
+        gt.shape,
+        tuple(pred_shape),
+    )
+    # Shifted by one so that 0 marks "outside the ground truth's grid" after zero padding.
+    shifted = resample_to_grid(
+        torch.from_numpy(gt[None].astype(np.int32) + 1),
+        gt_affine,
+        pred_affine,
+        pred_shape,
+        mode="nearest",
+        padding="zeros",
+    )[0].numpy()
+    inside = shifted > 0
+    coverage = float(inside.mean())
+    if coverage == 0 or _grids_are_disjoint(gt.shape, gt_affine, pred_shape, pred_affine):
+        raise ValueError(
+            "the ground truth's grid does not overlap the prediction's grid (no common voxel in "
+            "world coordinates): not the same scan, or a wrong affine in one of the files"
+        )
+    note = "ground truth resampled (nearest) onto the prediction grid"
+    if coverage < _FULL_COVERAGE:
+        note += f"; it covers {100 * coverage:.0f}% of that grid (the rest counts as background)"
+    return np.where(inside, shifted - 1, 0).astype(np.int32), note
+
+
+def _grids_are_disjoint(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray) -> bool:
+    """True when the voxel boxes of two grids are separated along an axis of either grid."""
+
+    def corners(shape) -> np.ndarray:  # (4, 8) homogeneous voxel-box corners, half a voxel out
+        lo, hi = [-0.5] * 3, [n - 0.5 for n in shape]
+        grid = np.array(np.meshgrid(*zip(lo, hi, strict=True), indexing="ij")).reshape(3, -1)
+        return np.vstack([grid, np.ones(grid.shape[1])])
+
+    for (shape_s, aff_s), (shape_o, aff_o) in (
+        ((shape_a, affine_a), (shape_b, affine_b)),
+        ((shape_b, affine_b), (shape_a, affine_a)),
+    ):
+        in_s = (np.linalg.inv(aff_s) @ aff_o @ corners(shape_o))[:3]  # other's corners, self's index space
+        if np.any(in_s.max(axis=1) < -0.5) or np.any(in_s.min(axis=1) > np.asarray(shape_s) - 0.5):
+            return True
+    return False
+
+
+def _undeclared_values(case_id: str, pred: np.ndarray, gt: np.ndarray, labels: dict[int, str]) -> list[str]:
+    """Notes (and warnings) for mask values that ``dataset.json`` does not declare (not scored)."""
+    notes = []
+    for side, array in (("ground truth", gt), ("prediction", pred)):
+        extra = sorted(int(v) for v in np.unique(array) if v != 0 and int(v) not in labels)
+        if extra:
+            logger.warning(
+                "%s: %s label value(s) %s are not declared in dataset.json and are not scored",
+                case_id,
+                side,
+                extra,
+            )
+            notes.append(f"{side} label value(s) {extra} not in dataset.json, not scored")
+    return notes
 
 
 def _label_array(array: np.ndarray, path: Path) -> np.ndarray:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import SourceItem, discover_sources
 from preprocessing.errors import IngestError
+from preprocessing.source_tree import printable_path, printable_text
 from preprocessing.volume_io import load_source_item, write_nifti_atomic
 from workflows.cluster import dask_client
 
@@ -85,8 +86,10 @@ def run_ingest(config: IngestConfig) -> int:
     images_dir = config.out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(images_dir)
-    items = [it for it in discover_sources(source) if not _inside(it, config.out_dir)]
-    print(f"{len(items)} series/file(s) found in {source}")
+    # OUT inside SOURCE: our own earlier outputs are not inputs (they would collide with the cases
+    # they came from). The walker compares real paths, so a link to OUT is excluded too.
+    items = discover_sources(source, exclude=[config.out_dir])
+    print(f"{len(items)} series/file(s) found in {printable_path(source)}")
     rows: list[dict] = []
     todo: list[SourceItem] = []
     for item in items:
@@ -150,7 +153,7 @@ def ingest_item(item: SourceItem, images_dir: str) -> dict:
     except IngestError as exc:
         return _row(item, "error", str(exc))
     except Exception as exc:  # one odd file must not stop the batch; the traceback goes to the log
-        logger.warning("unexpected failure on %s:\n%s", item.paths[0], traceback.format_exc())
+        logger.warning("unexpected failure on %s:\n%s", printable_path(item.paths[0]), traceback.format_exc())
         return _row(item, "error", f"unexpected {type(exc).__name__}: {exc}")
     row = _row(item, "ok", item.reason)
     row.update(
@@ -188,8 +191,8 @@ def _row(item: SourceItem, status: str | None = None, reason: str | None = None)
 
 def _source_text(item: SourceItem) -> str:
     if len(item.paths) == 1:
-        return str(item.paths[0])
-    parents = {str(p.parent) for p in item.paths}
+        return printable_path(item.paths[0])
+    parents = {printable_path(p.parent) for p in item.paths}
     return parents.pop() if len(parents) == 1 else ";".join(sorted(parents))
 
 
@@ -223,12 +226,6 @@ def _existing_row(item: SourceItem, images_dir: Path) -> dict | None:
     return row
 
 
-def _inside(item: SourceItem, folder: Path) -> bool:
-    """True when every path of ``item`` lies in ``folder`` (our own outputs when OUT is inside SOURCE)."""
-    root = folder.resolve()
-    return bool(item.paths) and all(root in p.resolve().parents for p in item.paths)
-
-
 def _remove_stale_temporaries(images_dir: Path) -> None:
     """Delete temporary files an interrupted run left behind (never complete outputs)."""
     for tmp in images_dir.glob(".*.tmp*"):
@@ -236,9 +233,15 @@ def _remove_stale_temporaries(images_dir: Path) -> None:
 
 
 def _write_manifest(rows: list[dict], path: Path) -> None:
-    rows = sorted(rows, key=lambda r: (r["status"] != "ok", r["case_id"], r["source"]))
+    """Write the manifest; every text cell is made UTF-8-safe, so no row can cost the table.
+
+    File names that are not valid UTF-8 (surrogate escapes) appear with their odd bytes as
+    ``\\xNN`` (:func:`preprocessing.source_tree.printable_text`), in paths and in reasons.
+    """
+    safe = [{k: printable_text(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    safe.sort(key=lambda r: (r["status"] != "ok", r["case_id"], r["source"]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(safe)
     write_text_atomic(path, buffer.getvalue())

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +25,16 @@ from pipeline.case_runner import (
     CaseConfig,
     case_is_done,
     clean_staging,
+    error_kind,
     read_case,
     read_case_record,
+    remove_empty_staging,
     segment_case,
     write_case,
 )
-from pipeline.metrics import summarize_metrics
+from pipeline.metrics import json_ready, summarize_metrics
 from pipeline.sliding_window import InferenceConfig
-from pipeline.tracking_batch import BatchRunInfo, log_batch_run
+from pipeline.tracking_batch import BatchRunInfo, log_batch_run, printable_text
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import SourceItem, discover_sources
 from workflows.cluster import dask_client, gpu_count
@@ -60,21 +63,20 @@ class PredictConfig:
 
 
 def predict_command(args: argparse.Namespace) -> int:
+    """CLI entry point (``workflows.cli`` has checked the flags, SOURCE and ``--model`` already)."""
     config = _config_from_args(args)
     return run_predict(config)
 
 
 def _config_from_args(args: argparse.Namespace) -> PredictConfig:
-    import torch
-
     source = Path(args.source)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist")
-    if not 0.0 <= args.overlap < 1.0:
-        raise ValueError(f"--overlap must be in [0, 1); got {args.overlap}")
     labels = Path(args.labels) if args.labels else None
     if labels is not None and not labels.is_dir():
         raise FileNotFoundError(f"--labels folder {labels} does not exist")
+    import torch  # after the cheap checks: importing torch takes seconds
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
@@ -94,21 +96,36 @@ def _config_from_args(args: argparse.Namespace) -> PredictConfig:
     )
 
 
+#: ``medseg predict`` refuses to start when the disk of ``--out`` has less free space than this
+#: (100 MiB: a few cases' masks, SEGs and pictures); a full disk would otherwise fail every case.
+MIN_FREE_BYTES = 100 * 1024**2
+
+
 def run_predict(config: PredictConfig) -> int:
-    """Run the batch; returns the exit code (0 ok, 3 some cases failed, 4 MLflow unreachable)."""
+    """Run the batch; returns the exit code (0 ok, 3 some cases failed, 4 MLflow unreachable).
+
+    Raises:
+        ValueError: (exit 2) before any case runs: ``--out`` unusable (a file, under a file, not
+            writable, disk full), the model unusable, or no images found in SOURCE.
+    """
     out = config.out_dir
+    check_out_dir(out)
+    bundle_dir, bundle = _load_model(config)
+    items = discover_sources(config.source, exclude=[out])
+    if not items:
+        raise ValueError(
+            f"no images found in SOURCE {config.source}: it holds no DICOM, NIfTI, NRRD or MHA file "
+            "(hidden files and the --out folder are not scanned); check the path"
+        )
+    print(f"{len(items)} case(s) found in {config.source}; model {bundle.name or config.model_uri}")
     out.mkdir(parents=True, exist_ok=True)
     removed = clean_staging(out)
     if removed:
         print(f"removed {removed} unfinished case folder(s) left by an interrupted run")
-    try:  # fail fast (exit 2) on a bad model before touching the cluster
-        bundle_dir = resolve_bundle_dir(config.model_uri, cache_dir=out / ".model")
-        bundle = load_bundle(bundle_dir)
-    except ModelBundleError as exc:
-        raise ValueError(f"--model {config.model_uri}: {exc}") from exc
-    items = discover_sources(config.source)
-    print(f"{len(items)} case(s) found in {config.source}; model {bundle.name or config.model_uri}")
-    rows = _run_cases(items, bundle_dir, bundle, config)
+    try:
+        rows = _run_cases(items, bundle_dir, bundle, config)
+    finally:
+        remove_empty_staging(out)
     failed = sum(r["status"] == "error" for r in rows)
     _write_tables(rows, bundle, out)
     tracked = log_batch_run(
@@ -129,6 +146,39 @@ def run_predict(config: PredictConfig) -> int:
     if not tracked:
         return EXIT_TRACKING
     return EXIT_OK
+
+
+def check_out_dir(out: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Refuse an ``--out`` that cannot hold the batch, before any work (``ValueError``: exit 2)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give the path of a folder (it is created)")
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} lies under {existing}, which is a file; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--out {out}: {existing} is not writable by this user; choose a folder you can write to"
+        )
+    free = shutil.disk_usage(existing).free
+    if free < min_free_bytes:
+        raise ValueError(
+            f"--out {out}: its disk has {free / 2**20:.0f} MiB free, predict needs at least "
+            f"{min_free_bytes / 2**20:.0f} MiB; free some space or choose --out on another disk"
+        )
+
+
+def _load_model(config: PredictConfig):  # noqa: ANN202 (bundle folder, ModelBundle)
+    """Resolve, read and check the model before the cluster starts: every fold's weights are loaded
+    into its network here, so a corrupt or mismatched weight file is exit 2, not an error per case."""
+    try:
+        bundle_dir = resolve_bundle_dir(config.model_uri, cache_dir=config.out_dir / ".model")
+        bundle = load_bundle(bundle_dir)
+        bundle.build_networks("cpu")  # raises ModelBundleError naming a fold that does not fit
+    except ModelBundleError as exc:
+        raise ValueError(f"--model {config.model_uri}: {exc}") from exc
+    return bundle_dir, bundle
 
 
 def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[dict]:
@@ -233,6 +283,7 @@ def run_case_tasks(
                 **_discovery_row(item),
                 "status": "error",
                 "reason": f"worker failure: {type(exc).__name__}: {exc}",
+                "reason_code": f"worker_failure:{error_kind(exc)}",
             }
         finally:
             future.release()
@@ -248,38 +299,48 @@ def _discovery_row(item: SourceItem) -> dict:
         "kind": item.kind,
         "status": item.status,
         "reason": item.reason,
+        # Discovery's reasons quote paths; the code says only which kind of verdict it was.
+        "reason_code": f"discovery_{item.status}" if item.status != "ok" else "",
         "seconds": 0.0,
     }
 
 
 def _write_tables(rows: list[dict], bundle, out: Path) -> None:
+    """``cases.csv`` and ``summary.json`` (strict JSON: ``null`` for undefined values).
+
+    Text cells are made printable first: the surrogate-escaped bytes of a file name that is not
+    UTF-8 are written as ``\\xNN``, so one odd name cannot cost the batch its tables.
+    """
     front = ["case_id", "source", "status", "reason", "seconds"]
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=None if rows else front)
     rest = [c for c in table.columns if c not in front and c != "kind"]
     table = table.reindex(columns=front + rest).sort_values("case_id")
+    for column in table.columns:
+        if table[column].dtype == object:
+            table[column] = table[column].map(printable_text)
     write_text_atomic(out / "cases.csv", table.to_csv(index=False))
-    write_text_atomic(out / "summary.json", json.dumps(_summary(table, bundle), indent=2, default=float))
+    summary = json_ready(_summary(rows, bundle))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
 
 
-def _summary(table: pd.DataFrame, bundle) -> dict:
-    ok = table[table["status"] == "ok"]
+def _summary(rows: list[dict], bundle) -> dict:
+    """Case counts and per-label statistics of the metrics that were computed (none: no block)."""
     metric_rows = []
-    for _, r in ok.iterrows():
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
         for name in bundle.label_names.values():
-            entry = {"label": name}
-            for metric in ("dice", "hd95", "nsd"):
-                value = r.get(f"{metric}_{name}")
-                if value is not None and not pd.isna(value):
-                    entry[metric] = float(value)
-            vol = r.get(f"vol_{name}_ml")
-            if vol is not None and not pd.isna(vol):
-                entry["vol_pred_ml"] = float(vol)
+            entry: dict = {"label": name}
+            # A key present in the row was measured (NaN: undefined, e.g. HD95 of an empty mask).
+            for metric, key in (("dice", "dice"), ("hd95", "hd95"), ("nsd", "nsd"), ("vol_pred_ml", "vol")):
+                column = f"{key}_{name}_ml" if key == "vol" else f"{key}_{name}"
+                if column in r:
+                    entry[metric] = r[column]
             metric_rows.append(entry)
-    counts = table["status"].value_counts().to_dict()
-    return {
-        "cases": {k: int(v) for k, v in counts.items()},
-        "per_label": summarize_metrics(metric_rows) if metric_rows else {},
-    }
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("status", ""))] = counts.get(str(r.get("status", "")), 0) + 1
+    return {"cases": counts, "per_label": summarize_metrics(metric_rows) if metric_rows else {}}
 
 
 def _loggable_params(config: PredictConfig) -> dict:
@@ -294,7 +355,7 @@ def _loggable_params(config: PredictConfig) -> dict:
 
 
 def _print_summary(rows: list[dict], out: Path) -> None:
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=None if rows else ["status"])
     counts = table["status"].value_counts().to_dict()
     print(f"cases: {counts}; outputs in {out}")
     dice_cols = [c for c in table.columns if c.startswith("dice_")]

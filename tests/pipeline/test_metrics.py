@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import surface_distance as deepmind
 
-from pipeline.metrics import segmentation_metrics, summarize_metrics
+from pipeline.metrics import json_ready, segmentation_metrics, summarize_metrics
 
 SPACING = (0.7, 1.3, 3.0)
 SHAPE = (48, 40, 20)
@@ -144,7 +144,7 @@ def test_summarize_metrics_t_interval_and_nans():
     assert dice["mean"] == pytest.approx(0.8) and dice["median"] == pytest.approx(0.8)
     assert dice["std"] == pytest.approx(0.1)
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df=2)
-    assert dice["ci95"] == pytest.approx([0.8 - half, 0.8 + half])
+    assert dice["ci95"] == pytest.approx([0.8 - half, 1.0])  # 0.8 + half > 1: clipped to Dice's range
     hd = s["liver"]["hd95"]
     assert hd["n"] == 2 and hd["n_nan"] == 1 and hd["mean"] == pytest.approx(3.0)
     single = s["kidney"]["hd95"]
@@ -163,3 +163,31 @@ def test_masks_touching_the_array_border_match_peers():
     assert row["assd"] == pytest.approx(medpy_binary.assd(pred, gt, SPACING), rel=1e-4)
     sd = deepmind.compute_surface_distances(gt, pred, SPACING)
     assert row["nsd"] == pytest.approx(deepmind.compute_surface_dice_at_tolerance(sd, 2.0), abs=1e-3)
+
+
+def test_summary_omits_unmeasured_metrics_and_clips_bounded_intervals():
+    # Dice near 1 with a spread: the raw t-interval's top is above 1; tiny volumes: bottom below 0.
+    rows = [
+        {"label": "liver", "dice": d, "nsd": d, "vol_pred_ml": v}
+        for d, v in ((1.0, 0.01), (0.6, 5.0), (1.0, 0.02))
+    ]
+    s = summarize_metrics(rows)
+    assert set(s["liver"]) == {"dice", "nsd", "vol_pred_ml"}  # no hd95/iou/... blocks of NaN
+    for metric in ("dice", "nsd"):
+        lo, hi = s["liver"][metric]["ci95"]
+        assert 0.0 <= lo < hi == 1.0
+    assert s["liver"]["vol_pred_ml"]["ci95"][0] == 0.0
+
+
+def test_json_ready_summary_is_strict_json():
+    import json
+
+    s = summarize_metrics([{"label": "liver", "dice": 0.5, "hd95": math.nan}])
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    text = json.dumps(json_ready(s), allow_nan=False)
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed["liver"]["dice"]["std"] is None and parsed["liver"]["dice"]["ci95"] == [None, None]
+    assert parsed["liver"]["hd95"]["n_nan"] == 1 and parsed["liver"]["hd95"]["mean"] is None

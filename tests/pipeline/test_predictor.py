@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from pipeline.bundle import ModelBundle
-from pipeline.predictor import keep_largest_component, segment_volume
+from pipeline.postprocessing import keep_largest_component
+from pipeline.predictor import segment_volume
 from pipeline.sliding_window import InferenceConfig
 from preprocessing.image import Volume
 from preprocessing.plan import ChannelNormalization, Plan
@@ -61,7 +62,7 @@ def test_mask_lands_on_world_ball_for_oblique_anisotropic_volume():
         labels={0: "background", 1: "ball"},
         network="oracle",
     )
-    bundle = ModelBundle(plan, fold_states=(), postprocessing={"largest_component": True})
+    bundle = ModelBundle(plan, fold_states=(), postprocessing={"largest_component": {"ball": {"apply": True}}})
     config = InferenceConfig(roi_size=(16, 16, 16), overlap=0.5, device="cpu", amp=False)
     labels, probs = segment_volume(volume, [WorldBallOracle()], bundle, config, return_probabilities=True)
     assert labels.shape == volume.spatial_shape and labels.dtype == np.uint8

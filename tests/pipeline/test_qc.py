@@ -76,3 +76,14 @@ def test_mismatched_shapes_raise(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         write_qc_picture(np.zeros(SHAPE), np.zeros((4, 4, 4)), AFFINE, LABELS, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_single_slice_volume_draws_image_and_axial_contours(tmp_path):
+    """A 1-voxel-thick view (coronal/sagittal of one slice) is an image without contours, not an error."""
+    image, mask = _phantom()
+    k = 10  # through the liver
+    out = write_qc_picture(image[:, :, k : k + 1], mask[:, :, k : k + 1], AFFINE, LABELS, tmp_path / "one.png")
+    png = mpimg.imread(out)
+    assert png.shape[:2] == (HEIGHT, WIDTH)
+    red = _colour_pixels(png, LABEL_COLOURS[0])
+    assert len(red) > 20 and red[:, 1].max() < WIDTH / 3  # the axial panel's contour, only there

@@ -152,8 +152,16 @@ def test_two_large_stacks_in_one_series_are_rejected(tmp_path):
     axial = _good(tmp_path / "a")
     uid = pydicom.dcmread(axial[0]).SeriesInstanceUID
     coronal = _good(tmp_path / "c", orientation="coronal", seed=1)
+    first = pydicom.dcmread(axial[0])
     for i, path in enumerate(coronal):
-        _edit(path, SeriesInstanceUID=uid, SOPInstanceUID=f"1.2.3.{i}")
+        # Same patient, study and frame of reference: only the orientation differs.
+        _edit(
+            path,
+            SeriesInstanceUID=uid,
+            SOPInstanceUID=f"1.2.3.{i}",
+            StudyInstanceUID=first.StudyInstanceUID,
+            FrameOfReferenceUID=first.FrameOfReferenceUID,
+        )
     items = discover_sources(tmp_path)
     assert len(items) == 1 and items[0].status == "error"
     assert "mixed orientations: 2 different ImageOrientationPatient stacks (8, 8 slices)" in items[0].reason

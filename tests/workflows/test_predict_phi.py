@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 
-from preprocessing.synthetic import DicomSeriesSpec, write_hospital_folder
+from preprocessing.synthetic import DicomSeriesSpec, write_bad_truncated_nifti, write_hospital_folder
 from workflows.cli import main
 
 PATIENTS = (
@@ -83,3 +85,45 @@ def test_no_identifier_reaches_mlflow(tmp_path, monkeypatch, trained_model):
     # The hospital side keeps the link: the SEG objects carry the patient and the source UIDs.
     seg_files = list((tmp_path / "out").glob("*/seg.dcm"))
     assert seg_files and pydicom.dcmread(seg_files[0]).PatientID.startswith("PHI-ID-")
+
+
+#: A hospital export named after the patient, with spaces, quotes and non-ASCII letters.
+ODD_FOLDERS = ("SMITH JOHN MIDDLE 19231117", "\"QUOTED\" O'NEIL ÅSTRÖM")
+FOLDER_WORDS = ("SMITH", "JOHN", "MIDDLE", "19231117", "QUOTED", "NEIL", "ÅSTRÖM")
+
+
+def _spellings(word: str) -> set[str]:
+    """``word`` as it could appear in a store: text, UTF-8 bytes read as Latin-1, JSON and CSV escapes."""
+    return {
+        word,
+        word.encode("utf-8").decode("latin-1"),
+        json.dumps(word)[1:-1],
+        word.encode("ascii", "backslashreplace").decode("ascii"),
+        word.encode("utf-8").decode("ascii", "backslashreplace"),
+    }
+
+
+def test_folder_names_with_spaces_quotes_and_accents_do_not_reach_mlflow(tmp_path, monkeypatch, trained_model):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "store" / "mlartifacts"))
+    (tmp_path / "store").mkdir()
+    export = tmp_path / "scans" / ODD_FOLDERS[0] / ODD_FOLDERS[1]
+    # CT axial, CT sagittal, CT coronal and an MR series (skipped by the CT model, with its reason)
+    write_hospital_folder(export, n_series=4, seed=22, patients=PATIENTS)
+    # Failing inputs inside the patient's folders: their local reasons quote these paths.
+    write_bad_truncated_nifti(export / "PAT1" / "broken scan.nii.gz")
+    (export / "PAT2" / "empty.dcm").write_bytes(b"")
+    out = tmp_path / "out"
+    code = main(["predict", str(tmp_path / "scans"), "--model", str(trained_model.bundle_dir),
+                 "--out", str(out), "--workers", "1", "--experiment", "phi-folders"])
+    assert code == 3  # the broken NIfTI is an error row; everything else ran
+    cases = pd.read_csv(out / "cases.csv", keep_default_na=False)
+    local_reasons = " ".join(cases["reason"])
+    assert "SMITH JOHN MIDDLE" in local_reasons  # the hospital keeps the full reason with its path
+    assert set(cases.loc[cases["status"] != "ok", "reason_code"]) and all(cases.loc[cases["status"] != "ok", "reason_code"])
+    texts = _store_text(tmp_path / "store")
+    logged = [where for where, _ in texts]
+    assert any("cases.csv" in w for w in logged) and any("failures.csv" in w for w in logged)
+    secrets = {s for word in FOLDER_WORDS for s in _spellings(word)}
+    leaks = [(where, s) for where, text in texts for s in secrets if s in text]
+    assert not leaks, leaks[:5]
