@@ -68,7 +68,7 @@ def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
     status = safe["status"].fillna("").astype(str) if "status" in safe.columns else codes
     safe["reason_code"] = codes.where((codes != "") | (status == "ok"), status)
     for column in safe.columns:
-        if safe[column].dtype == object:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
             safe[column] = safe[column].map(printable_text)
     return safe
 

@@ -4,11 +4,12 @@ Rules (the README's "input rules"):
 
 - Only regular files are opened. A named pipe (FIFO), socket or device file would block or
   stream for ever if opened; it gets a ``skipped`` entry with the reason.
-- Symbolic links are followed, to files and to folders, wherever they point (a cohort folder of
-  links into a PACS export is common), but every real file and every real folder is read once:
-  a link to a folder that is already scanned (which includes a loop back to one of its own
-  parents) and a second path to a file already met are ``skipped`` with the reason; a broken
-  link and a link that loops on itself are ``skipped`` too.
+- Symbolic links that point OUT of SOURCE are followed, to files and to folders (a cohort folder
+  of links into a PACS export is common), each real file and folder once. A link that points
+  INTO SOURCE is not followed: its target is read where it lies, under its own name, so nothing is
+  read twice; a link to a folder that contains it is a loop. Every link not followed -- into
+  SOURCE, a loop, a second link to what is already read, a broken link -- gets a ``skipped``
+  entry with the reason.
 - A folder that cannot be listed (permissions, I/O error) is an ``error`` entry: the files in
   it are missing from the run, which must not look complete.
 - Folders in ``exclude`` (the run's own OUT when it lies inside SOURCE) and the product's private
@@ -90,7 +91,7 @@ def walk_source_tree(
     """
     excluded = {os.path.realpath(p) for p in exclude}
     root_real = os.path.realpath(root)
-    seen_dirs: dict[str, Path] = {root_real: root}
+    seen_dirs: dict[str, Path] = {root_real: root}  # real path -> the path it was read under
     seen_files: dict[str, Path] = {}
     files: list[Path] = []
     entries: list[TreeEntry] = []
@@ -107,29 +108,42 @@ def walk_source_tree(
         for entry in children:
             path = Path(entry.path)
             kind, real, note = _classify(entry, folder_real)
-            if kind == "dir":
-                if real in excluded or entry.name in PRIVATE_FOLDERS:
-                    logger.debug("not entering %s (output or private folder)", printable_path(path))
-                elif real in seen_dirs:
-                    entries.append(
-                        TreeEntry(path, "skipped", _repeated_dir(path, real, folder_real, seen_dirs))
-                    )
-                else:
-                    seen_dirs[real] = path
-                    subdirs.append((path, real))
-            elif kind == "file":
-                if real in seen_files:
-                    first = printable_path(seen_files[real])
-                    entries.append(
-                        TreeEntry(path, "skipped", f"same file as {first} (reached again through a symlink)")
-                    )
-                else:
-                    seen_files[real] = path
-                    files.append(path)
-            else:
+            if kind == "skip":
                 entries.append(TreeEntry(path, "skipped", note))
+                continue
+            if kind == "dir" and (real in excluded or entry.name in PRIVATE_FOLDERS):
+                logger.debug("not entering %s (output or private folder)", printable_path(path))
+                continue
+            seen = seen_dirs if kind == "dir" else seen_files
+            reason = _link_not_followed(kind, real, root_real, folder_real) if entry.is_symlink() else ""
+            if not reason and real in seen:  # e.g. two links out of SOURCE, one to a parent of the other
+                reason = f"the same {_WHAT[kind]} was already read as {printable_path(seen[real])}; read once"
+            if reason:
+                entries.append(TreeEntry(path, "skipped", reason))
+                continue
+            seen[real] = path
+            if kind == "dir":
+                subdirs.append((path, real))
+            else:
+                files.append(path)
         stack.extend(reversed(subdirs))
     return files, entries
+
+
+_WHAT = {"dir": "folder", "file": "file"}
+
+
+def _link_not_followed(kind: str, real: str, root_real: str, folder_real: str) -> str:
+    """Why a link to ``real`` is not followed ("" when it is: it points out of SOURCE)."""
+    if kind == "dir" and _within(folder_real, real):
+        return "symlink loop: the link points to a folder that contains it; not followed"
+    if _within(real, root_real):
+        return f"symlink to a {_WHAT[kind]} inside SOURCE, which is read where it lies; not followed"
+    return ""
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def classify_path(path: Path) -> tuple[str, str]:
@@ -153,8 +167,13 @@ def _classify(entry: os.DirEntry, folder_real: str) -> tuple[str, str, str]:
                 return "skip", "", _broken_link(exc)
             real = os.path.realpath(entry.path)
         else:
-            mode = entry.stat(follow_symlinks=False).st_mode  # cached d_type on Linux: no system call
             real = os.path.join(folder_real, entry.name)
+            # is_dir/is_file answer from the listing's d_type on Linux: no system call per file.
+            if entry.is_dir(follow_symlinks=False):
+                return "dir", real, ""
+            if entry.is_file(follow_symlinks=False):
+                return "file", real, ""
+            mode = entry.stat(follow_symlinks=False).st_mode
     except OSError as exc:  # the entry vanished or cannot be looked at
         return "skip", "", f"cannot stat: {exc.strerror or exc}"
     if stat.S_ISDIR(mode):
@@ -180,12 +199,6 @@ def _broken_link(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "symlink loop (the link resolves to itself); not followed"
     return f"broken symlink ({exc.strerror}); its target cannot be read"
-
-
-def _repeated_dir(path: Path, real: str, folder_real: str, seen: dict[str, Path]) -> str:
-    if folder_real == real or folder_real.startswith(real.rstrip(os.sep) + os.sep):
-        return "symlink loop: the link points to a folder that contains it; not followed"
-    return f"folder already scanned as {printable_path(seen[real])} (reached again through a symlink)"
 
 
 def _unlistable(exc: OSError) -> str:

@@ -251,11 +251,12 @@ def write_bad_shared_series_uid(
     regular 2 x ``shape[2]``-slice volume that looks valid: a reader must split them (or refuse),
     never merge two patients or two frames of reference. Returns (files of a, files of b).
     """
-    changes: dict[str, Any] = {
+    options: dict[str, dict[str, Any]] = {
         "FrameOfReferenceUID": {"frame_of_reference_uid": generate_uid(entropy_srcs=[str(seed), "for-b"])},
         "StudyInstanceUID": {"study_uid": generate_uid(entropy_srcs=[str(seed), "study-b"])},
         "PatientID": {"patient_id": "SYNTH-PID-OTHER", "patient_name": "ROE^RICHARD^SYNTH"},
-    }[differ]
+    }
+    changes = options[differ]
     spec_a = spec or DicomSeriesSpec(seed=seed, series_description="SYNTH FAULT")
     files_a, spec_a = _good_series(Path(out_dir) / "a", seed, spec_a, shape)
     spec_b = replace(spec_a, **changes)

@@ -62,11 +62,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         array, affine = _read_nifti(path)
-        what = f"voxel size in the NIfTI header (pixdim/sform) of {path.name}"
     else:
         array, affine = _read_itk(path)
-        what = f"voxel size in the header (spacing) of {path.name}"
-    check_spacing_mm(np.linalg.norm(affine[:3, :3], axis=0), what)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise IngestError(f"{path}: {bad} NaN/Inf voxel(s); the file is corrupt or not an image")
@@ -93,8 +90,12 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.moveaxis(data, 3, 0)
     else:
         raise IngestError(f"{path}: expected a 3D or 4D image, got shape {data.shape}")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise IngestError(f"{path}: the header's affine is degenerate or not finite")
+    if not np.all(np.isfinite(affine)):
+        raise IngestError(f"{path}: the header's affine is not finite")
+    what = f"voxel size in the NIfTI header (pixdim/sform) of {path.name}"
+    check_spacing_mm(np.linalg.norm(affine[:3, :3], axis=0), what)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise IngestError(f"{path}: the header's affine is degenerate (its axes are not independent)")
     return data, affine
 
 
@@ -199,6 +200,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = direction * np.asarray(img.GetSpacing(), dtype=np.float64)
     affine_lps[:3, 3] = img.GetOrigin()
+    check_spacing_mm(img.GetSpacing(), f"voxel size in the header (spacing) of {path.name}")
     return data, lps_to_ras(affine_lps)
 
 

@@ -278,11 +278,13 @@ def check_scheduler_reachable(address: str, timeout_s: float = SCHEDULER_CONNECT
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as exc:
-        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {timeout_s:g} s"
+        else:
+            reason = (exc.strerror or str(exc)).lower()
         raise ValueError(
-            f"--scheduler {address}: cannot reach a Dask scheduler there ({reason} within "
-            f"{timeout_s:g} s); start one (dask scheduler) and check the address, or drop "
-            "--scheduler to use a local cluster"
+            f"--scheduler {address}: cannot reach a Dask scheduler there ({reason}); start one "
+            "(dask scheduler) and check the address, or drop --scheduler to use a local cluster"
         ) from exc
 
 

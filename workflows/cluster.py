@@ -85,27 +85,30 @@ def _connect(scheduler: str, timeout_s: float | None = None) -> Client:
     connection is made on a helper thread that is abandoned when the deadline passes.
     """
     timeout_s = SCHEDULER_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
-    outcome: dict[str, object] = {}
+    clients: list[Client] = []
+    errors: list[Exception] = []
 
     def connect() -> None:
         try:
-            outcome["client"] = Client(scheduler, timeout=timeout_s)
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
+            clients.append(Client(scheduler, timeout=timeout_s))
+        except Exception as exc:  # handed to the caller's thread below
+            errors.append(exc)
 
     thread = threading.Thread(target=connect, name="medseg-dask-connect", daemon=True)
     thread.start()
     thread.join(timeout_s + 2.0)  # Dask's own timeout fires first when nothing listens
-    error = outcome.get("error")
-    if isinstance(outcome.get("client"), Client):
-        return outcome["client"]  # type: ignore[return-value]
-    if error is not None and not isinstance(error, OSError):  # OSError includes TimeoutError
-        raise error  # type: ignore[misc]
-    detail = f"{error}" if error is not None else "something listens there but did not answer as Dask does"
+    if clients:
+        return clients[0]
+    if not errors:
+        detail = "something accepts connections there but did not answer as a Dask scheduler does"
+    elif isinstance(errors[0], OSError):  # includes TimeoutError: nothing listening
+        detail = str(errors[0])
+    else:  # e.g. another service answered with bytes Dask cannot parse
+        detail = f"not a Dask scheduler: {type(errors[0]).__name__}: {errors[0]}"
     raise SchedulerUnreachableError(
         f"--scheduler {scheduler}: no Dask scheduler answered within {timeout_s:g} s ({detail}); "
         "check the address and that the scheduler runs, or drop --scheduler to use a local cluster"
-    ) from (error if isinstance(error, BaseException) else None)
+    ) from (errors[0] if errors else None)
 
 
 @contextlib.contextmanager

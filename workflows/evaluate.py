@@ -99,7 +99,9 @@ def check_out_path(out: Path) -> None:
         ValueError: ``out`` is a folder, or lies under a file.
     """
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'metrics.csv'}")
+        raise ValueError(
+            f"--out {out} is a folder; give the path of the CSV file to write, e.g. {out / 'metrics.csv'}"
+        )
     parent = out.parent
     while not parent.exists() and parent.parent != parent:
         parent = parent.parent

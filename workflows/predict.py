@@ -69,14 +69,14 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace) -> PredictConfig:
+    import torch
+
     source = Path(args.source)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist")
     labels = Path(args.labels) if args.labels else None
     if labels is not None and not labels.is_dir():
         raise FileNotFoundError(f"--labels folder {labels} does not exist")
-    import torch  # after the cheap checks: importing torch takes seconds
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
@@ -312,15 +312,17 @@ def _write_tables(rows: list[dict], bundle, out: Path) -> None:
     UTF-8 are written as ``\\xNN``, so one odd name cannot cost the batch its tables.
     """
     front = ["case_id", "source", "status", "reason", "seconds"]
-    table = pd.DataFrame(rows, columns=None if rows else front)
+    table = pd.DataFrame(printable_rows(rows), columns=None if rows else front)
     rest = [c for c in table.columns if c not in front and c != "kind"]
     table = table.reindex(columns=front + rest).sort_values("case_id")
-    for column in table.columns:
-        if table[column].dtype == object:
-            table[column] = table[column].map(printable_text)
     write_text_atomic(out / "cases.csv", table.to_csv(index=False))
     summary = json_ready(_summary(rows, bundle))
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+
+
+def printable_rows(rows: list[dict]) -> list[dict]:
+    """Rows whose text can be encoded: a surrogate-escaped byte (``\\udce9``) becomes ``\\xe9``."""
+    return [{key: printable_text(value) for key, value in row.items()} for row in rows]
 
 
 def _summary(rows: list[dict], bundle) -> dict:
@@ -355,7 +357,7 @@ def _loggable_params(config: PredictConfig) -> dict:
 
 
 def _print_summary(rows: list[dict], out: Path) -> None:
-    table = pd.DataFrame(rows, columns=None if rows else ["status"])
+    table = pd.DataFrame(printable_rows(rows), columns=None if rows else ["status"])
     counts = table["status"].value_counts().to_dict()
     print(f"cases: {counts}; outputs in {out}")
     dice_cols = [c for c in table.columns if c.startswith("dice_")]

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import textwrap
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -273,16 +274,16 @@ def train_command(args: argparse.Namespace) -> int:
         dataset = read_msd_dataset(job.data)
         check_enough_cases(dataset, job.num_folds)
     except DatasetError as exc:
-        print(f"medseg train: dataset error: {exc}")
+        print(f"medseg train: dataset error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
     check_postprocessing_labels(job.postprocessing, dataset.foreground_labels.values())  # ValueError: exit 2
     try:
         return run_cross_validation(job, dataset)
     except DatasetError as exc:
-        print(f"medseg train: dataset error: {exc}")
+        print(f"medseg train: dataset error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
     except (TrainingDivergedError, ModelBundleError) as exc:
-        print(f"medseg train: error: {exc}; no model was registered")
+        print(f"medseg train: error: {exc}; no model was registered", file=sys.stderr)
         return EXIT_BAD_ARGS
 
 

@@ -179,11 +179,62 @@ def test_enhanced_object_without_frames_is_a_clear_error(tmp_path):
     )
 
     image, _ = make_phantom((32, 32, 4), (1.0, 1.0, 2.0))
-    path = write_enhanced_dicom(image, orientation_affine("axial", (1.0, 1.0, 2.0), shape=(32, 32, 4)),
-                                tmp_path / "enh.dcm", DicomSeriesSpec())
+    path = write_enhanced_dicom(
+        image,
+        orientation_affine("axial", (1.0, 1.0, 2.0), shape=(32, 32, 4)),
+        tmp_path / "enh.dcm",
+        DicomSeriesSpec(),
+    )
     ds = pydicom.dcmread(path)
     ds.PerFrameFunctionalGroupsSequence = Sequence([])
     ds.NumberOfFrames = 0
     ds.save_as(path)
     with pytest.raises(IngestError, match="no frames"):
         read_multiframe(pydicom.dcmread(path), path)
+
+
+def test_reader_refuses_files_of_two_frames_of_reference_without_quoting_values(tmp_path):
+    from preprocessing.synthetic_faults import write_bad_shared_series_uid
+
+    for differ in ("FrameOfReferenceUID", "PatientID"):
+        files_a, files_b = write_bad_shared_series_uid(tmp_path / differ, differ=differ, shape=SHAPE)
+        with pytest.raises(IngestError, match=f"mix 2 different {differ} values") as caught:
+            read_dicom_series(files_a + files_b)
+        assert "SYNTH-PID" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("PixelSpacing", ["-0.8", "1.1"], r"PixelSpacing \[-0.8, 1.1\] is negative"),
+        ("PixelSpacing", ["1e30", "1e30"], "outside the plausible physical range 0.001..100 mm"),
+        ("PixelSpacing", ["nan", "1"], "PixelSpacing .* is not a finite number"),
+        ("ImagePositionPatient", ["nan", "0", "0"], "ImagePositionPatient is not finite"),
+        (
+            "ImageOrientationPatient",
+            ["nan", "0", "0", "0", "1", "0"],
+            "ImageOrientationPatient .* is not finite",
+        ),
+    ],
+)
+def test_reader_names_the_tag_of_a_bad_value(tmp_path, keyword, value, message):
+    from preprocessing.synthetic_faults import write_bad_slice_attribute
+
+    files = write_bad_slice_attribute(tmp_path / "s", keyword=keyword, value=value, shape=SHAPE)
+    with pytest.raises(GeometryError, match=message):
+        read_dicom_series(files)
+
+
+def test_slice_spacing_from_positions_must_be_plausible():
+    positions = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 250.0]])
+    with pytest.raises(GeometryError, match="slice spacing measured from ImagePositionPatient 250"):
+        stack_geometry(positions, np.array([1.0, 0, 0, 0, 1, 0]), np.array([1.0, 1.0]))
+
+
+def test_palette_color_is_refused(tmp_path):
+    from preprocessing.synthetic_faults import write_bad_palette_color
+
+    files = write_bad_palette_color(tmp_path / "s", shape=SHAPE)
+    assert pydicom.dcmread(files[0]).PhotometricInterpretation == "PALETTE COLOR"
+    with pytest.raises(IngestError, match=r"PALETTE COLOR image \(PhotometricInterpretation\)"):
+        read_dicom_series(files)

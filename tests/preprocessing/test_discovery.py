@@ -123,3 +123,141 @@ def test_multiframe_without_functional_groups_is_skipped(tmp_path):
     source = Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))
     (item,) = discover_sources(source)
     assert item.status == "skipped" and "multi-frame object without functional groups" in item.reason
+
+
+# --- input rules: special files, links, unlistable and excluded folders, split series ---------
+
+
+def _series(folder: Path, seed: int = 0) -> list[Path]:
+    from preprocessing.synthetic import DicomSeriesSpec, write_dicom_series
+
+    affine = orientation_affine("axial", (1.0, 1.0, 2.0), shape=(8, 8, 4))
+    image, _ = make_phantom((8, 8, 4), (1.0, 1.0, 2.0), seed=seed, affine_ras=affine)
+    return write_dicom_series(image, affine, folder, DicomSeriesSpec(seed=seed))
+
+
+def test_special_files_and_links_each_get_a_row(tmp_path):
+    import os
+
+    from preprocessing.synthetic_faults import write_bad_special_files, write_bad_symlinks
+
+    source, outside = tmp_path / "src", tmp_path / "outside"
+    files = _series(source / "real")
+    _series(outside / "linked", seed=1)
+    write_bad_special_files(source / "pipes")
+    write_bad_symlinks(source / "links", outside / "linked")
+    (source / "links" / "again").symlink_to(source / "real", target_is_directory=True)
+    (source / "links" / "a_file_again.dcm").symlink_to(files[0])
+    items = discover_sources(source)  # no hang (FIFOs never opened), no crash (loops)
+    rows = {str(it.paths[0].relative_to(source)): (it.status, it.reason) for it in items if it.status != "ok"}
+    assert rows["pipes/scan.dcm"][1].startswith("not a regular file (a named pipe (FIFO))")
+    assert rows["links/back_to_parent"][1].startswith("symlink loop: the link points to a folder")
+    assert rows["links/self_loop.dcm"][1].startswith("symlink loop (the link resolves to itself)")
+    assert rows["links/broken.nii.gz"][1].startswith("broken symlink")
+    # Links into SOURCE are not followed: their targets are read where they lie, once.
+    assert rows["links/again"][1].startswith("symlink to a folder inside SOURCE")
+    assert rows["links/a_file_again.dcm"][1].startswith("symlink to a file inside SOURCE")
+    assert all(status == "skipped" for status, _ in rows.values())
+    ok = [it for it in items if it.status == "ok"]
+    # The series behind the link out of SOURCE is read (once), the real one once.
+    assert sorted(len(it.paths) for it in ok) == [4, 4]
+    assert {os.path.dirname(str(it.paths[0].relative_to(source))) for it in ok} == {
+        "real",
+        "links/linked_series",
+    }
+    # A second link out of SOURCE to the same folder is not read twice.
+    (source / "links" / "z_same_again").symlink_to(outside / "linked", target_is_directory=True)
+    again = [it for it in discover_sources(source) if it.paths[0].name == "z_same_again"]
+    expected = f"the same folder was already read as {source / 'links' / 'linked_series'}; read once"
+    assert [it.reason for it in again] == [expected]
+
+
+def test_a_fifo_given_as_source_is_skipped_not_opened(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "scan.dcm")
+    (item,) = discover_sources(tmp_path / "scan.dcm")
+    assert item.status == "skipped" and "named pipe" in item.reason
+
+
+def test_unlistable_folder_is_an_error_row(tmp_path, monkeypatch):
+    import os
+
+    _series(tmp_path / "ok")
+    _series(tmp_path / "locked", seed=1)
+    real = os.scandir
+
+    def scandir(path="."):  # fault injection: tests run as root, where chmod 000 still reads
+        if not isinstance(path, int) and Path(path) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = discover_sources(tmp_path)
+    assert [it.status for it in items] == ["ok", "error"]
+    assert (
+        items[1].paths == (tmp_path / "locked",) and "cannot list folder: PermissionError" in items[1].reason
+    )
+
+
+def test_out_and_private_folders_are_not_scanned(tmp_path):
+    image = np.zeros((4, 4, 4), np.float32)
+    for name in ("scan", "out/images/old", ".staging/x/mask", "sub/.model/weights"):
+        write_nifti(image, np.eye(4), tmp_path / f"{name}.nii.gz")
+    items = discover_sources(tmp_path, exclude=[tmp_path / "out"])
+    assert [it.case_id for it in items] == ["scan"]
+
+
+def test_series_sharing_a_uid_splits_by_identity_with_stable_ids(tmp_path):
+    from preprocessing.image import pseudonymous_case_id
+    from preprocessing.synthetic_faults import write_bad_shared_series_uid
+
+    files_a, files_b = write_bad_shared_series_uid(
+        tmp_path / "s", differ="FrameOfReferenceUID", shape=(8, 8, 4)
+    )
+    both = [it for it in discover_sources(tmp_path) if it.status == "ok"]
+    assert sorted(len(it.paths) for it in both) == [4, 4]  # never one 8-slice volume
+    for it in both:
+        ds = pydicom.dcmread(it.paths[0], stop_before_pixels=True)
+        key = "/".join(
+            str(ds[k].value)
+            for k in ("SeriesInstanceUID", "FrameOfReferenceUID", "StudyInstanceUID", "PatientID")
+        )
+        assert it.case_id == pseudonymous_case_id(key)  # depends on the part's own headers only
+        assert "series split" in it.reason and "FrameOfReferenceUID" in it.reason
+        assert "SYNTH-PID" not in it.reason  # values of identity tags are never quoted
+    (alone,) = discover_sources(tmp_path / "s" / "a")
+    assert alone.case_id == pseudonymous_case_id(alone.series_uid) and alone.reason == ""
+    assert alone.case_id not in {it.case_id for it in both}  # a rerun can never resume the wrong part
+
+
+def test_unplaceable_slice_errors_the_series_but_2d_images_are_skipped(tmp_path):
+    files = _series(tmp_path / "placed")
+    ds = pydicom.dcmread(files[-1])
+    del ds.ImagePositionPatient
+    ds.save_as(files[-1])
+    flat = _series(tmp_path / "flat", seed=1)
+    for path in flat:  # a series of plain 2D pictures: no geometry anywhere
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient, ds.ImageOrientationPatient
+        ds.save_as(path)
+    items = discover_sources(tmp_path)
+    (error,) = [it for it in items if it.status == "error"]
+    assert len(error.paths) == 4 and "(slice_003.dcm: no ImagePositionPatient)" in error.reason
+    skipped = [it for it in items if it.status == "skipped"]
+    assert len(skipped) == 4 and all(
+        it.reason.startswith("2D image without patient geometry") for it in skipped
+    )
+
+
+def test_truncated_image_file_is_reported_as_truncated(tmp_path):
+    from preprocessing.synthetic_faults import write_bad_truncated_header
+
+    write_bad_truncated_header(tmp_path / "s", shape=(8, 8, 4))
+    (item,) = discover_sources(tmp_path / "s")
+    assert item.status == "error" and len(item.paths) == 4
+    assert "truncated DICOM file: a CT Image Storage object" in item.reason
+    lone = tmp_path / "lone.dcm"
+    lone.write_bytes(item.paths[0].read_bytes()[:200])  # cut inside the file meta
+    (cut,) = discover_sources(lone)
+    assert cut.status == "error" and "truncated DICOM file" in cut.reason

@@ -139,3 +139,57 @@ def test_load_source_item_merges_msd_channels(tmp_path):
     p2 = write_nifti(image, shifted, tmp_path / "d_0001.nii.gz")
     with pytest.raises(IngestError, match="different grid"):
         load_source_item(SourceItem("nifti", "d", (p0, p2)))
+
+
+def test_header_declaring_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
+    """8 GiB declared, 1 KiB held: refused from the header and the file size, before any data is read."""
+    from preprocessing.synthetic_faults import write_bad_oversized_nifti
+
+    for name in ("huge.nii.gz", "huge.nii"):
+        with pytest.raises(IngestError, match=r"declares 2048x2048x1024 int16 .* holds only 1,376 bytes"):
+            read_volume(write_bad_oversized_nifti(tmp_path / name))
+
+
+def test_multi_member_gzip_nifti_is_counted_not_refused(tmp_path):
+    """ISIZE is that of the last gzip member only: the streaming count decides, and the file is fine."""
+    import gzip
+
+    image, affine = _phantom("axial")
+    raw = write_nifti(image, affine, tmp_path / "one.nii")
+    data = raw.read_bytes()
+    path = tmp_path / "two_members.nii.gz"
+    path.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    assert np.array_equal(read_volume(path).array[0], image)
+
+
+def test_volume_larger_than_available_memory_is_refused(tmp_path, monkeypatch):
+    import preprocessing.volume_io as volume_io
+
+    image, affine = _phantom("axial")
+    path = write_nifti(image, affine, tmp_path / "scan.nii.gz")
+    monkeypatch.setattr(volume_io, "_available_memory", lambda: 1000)
+    with pytest.raises(IngestError, match="GiB of memory; only 0.0 GiB are available"):
+        read_volume(path)
+
+
+def test_4d_nifti_is_an_image_only_where_dataset_json_declares_its_channels(tmp_path):
+    image, affine = _phantom("axial")
+    path = write_nifti(np.stack([image, image + 1, image + 2], axis=-1), affine, tmp_path / "t.nii.gz")
+    with pytest.raises(IngestError, match="4D image with 3 volumes"):
+        load_source_item(SourceItem("nifti", "t", (path,)))
+    with pytest.raises(IngestError, match="dataset.json declares 2 channels"):
+        load_source_item(SourceItem("nifti", "t", (path,), meta={"declared_channels": 2}))
+    volume = load_source_item(SourceItem("nifti", "t", (path,), meta={"declared_channels": 3}))
+    assert volume.array.shape == (3, *SHAPE) and np.array_equal(volume.array[2], image + 2)
+    # One volume on the 4th axis is a 3D image.
+    single = write_nifti(image[..., np.newaxis], affine, tmp_path / "s.nii.gz")
+    assert load_source_item(SourceItem("nifti", "s", (single,))).array.shape == (1, *SHAPE)
+
+
+@pytest.mark.parametrize("zoom", [1e-30, 1e30])
+def test_implausible_nifti_voxel_size_is_refused(tmp_path, zoom):
+    from preprocessing.errors import GeometryError
+
+    path = write_nifti(np.zeros((4, 4, 4), np.float32), np.diag([zoom, 1.0, 1.0, 1.0]), tmp_path / "z.nii")
+    with pytest.raises(GeometryError, match=r"voxel size in the NIfTI header \(pixdim/sform\) of z.nii"):
+        read_volume(path)

@@ -55,7 +55,9 @@ def test_numbers_out_of_range_exit_2_naming_the_flag(argv, flag, capsys):
 
 
 def test_overlap_limit_is_documented_and_accepted(capsys):
-    args = build_parser().parse_args(["predict", "S", "--model", "M", "--out", "O", "--overlap", str(MAX_OVERLAP)])
+    args = build_parser().parse_args(
+        ["predict", "S", "--model", "M", "--out", "O", "--overlap", str(MAX_OVERLAP)]
+    )
     assert args.overlap == MAX_OVERLAP
     with pytest.raises(SystemExit):
         build_parser().parse_args(["predict", "--help"])
@@ -93,7 +95,9 @@ def test_help_is_plain_text(command, capsys):
     assert "`" not in text and ":data:" not in text and ":func:" not in text
 
 
-def _run_cli(args: list[str], code: str = "", timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def _run_cli(
+    args: list[str], code: str = "", timeout: float = 60
+) -> tuple[subprocess.CompletedProcess, float]:
     """``main(args)`` in a fresh interpreter; ``code`` runs after it (e.g. import checks)."""
     script = f"import sys\nfrom workflows.cli import main\nrc = main({args!r})\n{code}\nsys.exit(rc)\n"
     env = {k: v for k, v in os.environ.items() if k != "MEDSEG_PSEUDONYM_SALT"}
@@ -104,8 +108,10 @@ def _run_cli(args: list[str], code: str = "", timeout: float = 60) -> tuple[subp
     return proc, time.monotonic() - started
 
 
-HEAVY = "heavy = [m for m in ('torch', 'monai', 'mlflow', 'distributed', 'dask') if m in sys.modules]\n" \
+HEAVY = (
+    "heavy = [m for m in ('torch', 'monai', 'mlflow', 'distributed', 'dask') if m in sys.modules]\n"
     "assert not heavy, heavy"
+)
 
 
 def test_predict_refuses_a_missing_source_fast_without_heavy_imports(tmp_path):
@@ -125,7 +131,9 @@ def test_predict_refuses_a_model_that_is_not_there_before_creating_out(model, tm
     (tmp_path / "src").mkdir()
     (tmp_path / "empty_folder").mkdir()
     out = tmp_path / "out"
-    proc, _ = _run_cli(["predict", str(tmp_path / "src"), "--model", str(tmp_path / model), "--out", str(out)], HEAVY)
+    proc, _ = _run_cli(
+        ["predict", str(tmp_path / "src"), "--model", str(tmp_path / model), "--out", str(out)], HEAVY
+    )
     assert proc.returncode == 2, proc.stderr
     assert "--model" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
@@ -138,8 +146,27 @@ def _scheduler_argv(command: str, tmp_path: Path) -> list[str]:
         return ["ingest", str(src), "--out", str(tmp_path / "out"), "--scheduler", UNREACHABLE]
     if command == "predict":
         bundle = _fake_bundle(tmp_path)
-        return ["predict", str(src), "--model", str(bundle), "--out", str(tmp_path / "out"), "--scheduler", UNREACHABLE]
-    return ["train", "--data", str(src), "--network", "unet", "--out", str(tmp_path / "out"), "--scheduler", UNREACHABLE]
+        return [
+            "predict",
+            str(src),
+            "--model",
+            str(bundle),
+            "--out",
+            str(tmp_path / "out"),
+            "--scheduler",
+            UNREACHABLE,
+        ]
+    return [
+        "train",
+        "--data",
+        str(src),
+        "--network",
+        "unet",
+        "--out",
+        str(tmp_path / "out"),
+        "--scheduler",
+        UNREACHABLE,
+    ]
 
 
 @pytest.mark.parametrize("command", ["ingest", "predict", "train"])
@@ -168,7 +195,14 @@ def test_a_port_that_is_not_a_dask_scheduler_is_refused_not_waited_on(monkeypatc
 
 def test_public_pseudonym_salt_warns_once(tmp_path):
     (tmp_path / "src").mkdir()
-    args = ["predict", str(tmp_path / "src"), "--model", str(_fake_bundle(tmp_path)), "--out", str(tmp_path / "o")]
+    args = [
+        "predict",
+        str(tmp_path / "src"),
+        "--model",
+        str(_fake_bundle(tmp_path)),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     proc, _ = _run_cli(args, timeout=120)  # the fake bundle is refused once loaded: exit 2
     assert proc.returncode == 2
     warnings = [line for line in proc.stderr.splitlines() if "MEDSEG_PSEUDONYM_SALT" in line]
@@ -178,6 +212,13 @@ def test_public_pseudonym_salt_warns_once(tmp_path):
 def test_own_pseudonym_salt_does_not_warn(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDSEG_PSEUDONYM_SALT", "a-site-secret")
     (tmp_path / "src").mkdir()
-    args = ["predict", str(tmp_path / "src"), "--model", str(_fake_bundle(tmp_path)), "--out", str(tmp_path / "o")]
+    args = [
+        "predict",
+        str(tmp_path / "src"),
+        "--model",
+        str(_fake_bundle(tmp_path)),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     assert "MEDSEG_PSEUDONYM_SALT" not in capsys.readouterr().err

@@ -134,3 +134,77 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     )
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_out_that_is_a_folder_is_refused_before_any_case(tmp_path, capsys, caplog):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    _save(_truth(), AFFINE, pred_dir / "x.nii.gz")
+    _save(_truth(), AFFINE, gt_dir / "x.nii.gz")
+    folder = tmp_path / "report"
+    folder.mkdir()
+    with caplog.at_level("INFO"):
+        assert main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(folder)]) == 2
+    assert f"--out {folder} is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+    (tmp_path / "a_file").write_text("")
+    assert main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(tmp_path / "a_file" / "m.csv")]) == 2
+    assert "which is a file" in capsys.readouterr().err
+
+
+def test_both_masks_empty_without_dataset_json_is_one_foreground_row(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    empty = np.zeros(SHAPE, np.uint8)
+    _save(empty, AFFINE, pred_dir / "blank.nii.gz")
+    _save(empty, AFFINE, gt_dir / "blank.nii.gz")
+    _save(_truth(), AFFINE, pred_dir / "full.nii.gz")
+    _save(_truth(), AFFINE, gt_dir / "full.nii.gz")
+    out = tmp_path / "m.csv"
+    assert main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(out)]) == 0
+    table = _read(out)
+    blank = table[table.case_id == "blank"]
+    assert len(blank) == 1
+    row = blank.iloc[0]
+    assert row.label == "foreground" and row.status == "ok" and row["empty"] == "both"
+    assert row.dice == 1 and row.hd95 == 0 and row.assd == 0 and row.nsd == 1
+    assert sorted(table[table.case_id == "full"].label) == ["1", "2"]
+
+
+def test_ground_truth_off_the_prediction_grid_is_an_error_row(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    _save(_truth(), AFFINE, pred_dir / "x.nii.gz")
+    elsewhere = AFFINE.copy()
+    elsewhere[:3, 3] += [0.0, 0.0, 500.0]  # half a metre up: another scan's grid
+    _save(_truth(), elsewhere, gt_dir / "x.nii.gz")
+    out = tmp_path / "m.csv"
+    assert main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(out)]) == 3
+    table = _read(out)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row.status == "error" and "does not overlap" in row.reason
+
+
+def test_ground_truth_partly_off_the_grid_says_how_much_it_covers(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    _save(_truth(), AFFINE, pred_dir / "x.nii.gz")
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += AFFINE[:3, 2] * (SHAPE[2] // 2)  # half the slices overlap
+    _save(_truth(), shifted, gt_dir / "x.nii.gz")
+    out = tmp_path / "m.csv"
+    assert main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(out)]) == 0
+    reason = _read(out).reason.iloc[0]
+    assert "resampled" in reason and "covers 50% of that grid" in reason
+
+
+def test_ground_truth_values_not_in_dataset_json_are_reported(dataset, tmp_path, caplog):
+    gt_dir, pred_dir, _, truth = dataset
+    extra = truth.copy()
+    extra[0:2, 0:2, 0:2] = 7  # no label 7 in dataset.json
+    _save(extra, AFFINE, gt_dir / "case_b.nii.gz")
+    out = tmp_path / "m.csv"
+    with caplog.at_level("WARNING"):
+        main(["evaluate", str(pred_dir), str(gt_dir), "--out", str(out)])
+    b = _read(out)
+    b = b[b.case_id == "case_b"]
+    assert (b.status == "ok").all() and list(b.label) == ["liver", "kidney"]
+    assert b.reason.str.contains(r"ground truth label value\(s\) \[7\] not in dataset.json").all()
+    assert "[7] are not declared in dataset.json" in caplog.text

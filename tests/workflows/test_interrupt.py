@@ -22,13 +22,33 @@ def test_ctrl_c_during_predict_exits_130_without_tracebacks(tmp_path, trained_mo
     scans = tmp_path / "scans"
     write_hospital_folder(scans, n_series=5, seed=11, shape=(48, 48, 24))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "workflows.cli", "predict", str(scans), "--model", str(trained_model.bundle_dir),
-           "--out", str(out), "--workers", "1", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflows.cli",
+        "predict",
+        str(scans),
+        "--model",
+        str(trained_model.bundle_dir),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'i.db'}", "PYTHONUNBUFFERED": "1"}
     # Its own process group, like a shell job: the terminal's Ctrl-C reaches the CLI, the Dask
     # nanny and every worker process at once.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None and not _a_case_has_started(out):

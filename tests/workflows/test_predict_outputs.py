@@ -108,8 +108,7 @@ def test_mr_model_batch_modes_json_single_slice_and_odd_name(tmp_path, store, tr
 
     cases = pd.read_csv(out / "cases.csv", keep_default_na=False)
     assert len(cases) == 4
-    by_kind = {(r.kind if r.kind == "nifti" else "dicom", r.status): r for r in cases.itertuples()}
-    skipped = by_kind[("dicom", "skipped")]
+    (skipped,) = cases[cases["status"] == "skipped"].itertuples()
     assert "trained on MR images (dataset.json modality 'MRI')" in skipped.reason
     assert "DICOM Modality 'CT'" in skipped.reason and skipped.reason_code == "incompatible_modality"
     ok = cases[cases["status"] == "ok"]
@@ -117,8 +116,8 @@ def test_mr_model_batch_modes_json_single_slice_and_odd_name(tmp_path, store, tr
     for case_id in ok["case_id"]:  # the single-slice series too: mask, SEG and a QC picture
         assert (out / case_id / "mask.nii.gz").is_file() and (out / case_id / "qc.png").is_file()
     assert sum((out / c / "seg.dcm").is_file() for c in ok["case_id"]) == 2
-    odd = cases[cases["kind"] == "nifti"].iloc[0]
-    assert "caf\\xe9" in odd.source and odd.status == "ok"
+    (odd,) = cases[cases["source"].str.endswith(".nii.gz")].itertuples()
+    assert odd.source.endswith("caf\\xe9.nii.gz") and odd.status == "ok"  # the byte, written safely
 
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_refuse_constant)
     assert summary["cases"] == {"ok": 3, "skipped": 1}
@@ -150,6 +149,7 @@ def test_ingested_images_get_the_umask_mode(tmp_path, umask_027):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
 
 
+@pytest.mark.slow  # the clipping itself: tests/pipeline/test_metrics.py; umask 022: test_atomic.py
 def test_summary_with_labels_is_strict_json_with_clipped_intervals(tmp_path, store, trained_model):
     src, truth = tmp_path / "scans", tmp_path / "truth"
     for i in range(3):
@@ -287,7 +287,7 @@ def test_damaged_bundle_is_exit_2_at_start(tmp_path, store, one_case, trained_mo
     expected = {
         "random_weights": "fold_1.pt cannot be loaded",
         "bundle_json_list": "holds a JSON list",
-        "bundle_json_no_folds": "'num_folds'",
+        "bundle_json_no_folds": "'num_folds' must be a whole number >= 1, got None",
         "weights_of_another_network": "fold 0's weights do not fit",
     }[damage]
     assert expected in err

@@ -153,7 +153,7 @@ def test_bad_datasets_exit_2_with_reason(tmp_path, tiny_data, capsys):
         str(tmp_path / "w"),
     ]
     assert main(argv) == 2
-    assert "case_001" in capsys.readouterr().out
+    assert "case_001" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing"), "--network", "unet"]) == 2
     assert main(["train", "--data", str(tiny_data), "--network", "no-such-net"]) == 2
     bad_yaml = _config(tmp_path, {"learning_rat": 0.1})
