@@ -315,6 +315,9 @@ def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> 
         shutil.rmtree(dst)  # a stale download of another version must not be mixed in
     dst.mkdir(parents=True)
 
+    # ``models:/`` URIs are resolved through MLflow's process-global *registry* URI, which an
+    # earlier registration in this process may have pointed at another store: point it here.
+    set_global_uri(tracking_uri())
     try:
         path = Path(
             mlflow.artifacts.download_artifacts(

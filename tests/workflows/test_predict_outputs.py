@@ -303,3 +303,15 @@ def test_unreachable_registry_fails_within_seconds(tmp_path, one_case, monkeypat
     assert _predict(one_case, "models:/fixture-phantom@champion", tmp_path / "out") == 2
     assert time.monotonic() - started < 15
     assert "not reachable" in capsys.readouterr().err
+
+
+def test_registry_model_resolves_after_another_store_was_used_in_the_process(tmp_path, trained_model, monkeypatch):
+    """``models:/`` goes through MLflow's global registry URI: an earlier registration in the same
+    process (another store) must not make the champion "not found" in the store asked for now."""
+    from pipeline.bundle import resolve_bundle_dir
+    from pipeline.tracking import set_global_uri
+
+    set_global_uri(f"sqlite:///{tmp_path / 'other.db'}")  # what a previous job in this process left
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_model.tracking_uri)
+    folder = resolve_bundle_dir(trained_model.model_uri, cache_dir=tmp_path / "model")
+    assert (folder / "bundle.json").is_file()
