@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -26,8 +27,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test gets its own sqlite MLflow store unless it sets one itself."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
+    if "mlflow" in sys.modules:  # MLflow's process-global URIs must not carry an earlier test's store
+        sys.modules["mlflow"].set_tracking_uri(uri)
+        sys.modules["mlflow"].set_registry_uri(uri)
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_champion_moves_only_on_improvement_and_models_uri_loads(tmp_path):
     second = register_bundle(_bundle(2), parent, "liver-seg", 0.40)
     assert first.is_champion and first.version == "1"
     assert not second.is_champion and second.version == "2" and second.champion_version == "1"
-    client = mlflow.MlflowClient(tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     assert str(client.get_model_version_by_alias("liver-seg", "champion").version) == "1"
     assert float(client.get_model_version("liver-seg", "2").tags["cv_mean_dice"]) == pytest.approx(0.40)
     third = register_bundle(_bundle(3), parent, "liver-seg", 0.70)

@@ -32,7 +32,7 @@ def test_nested_runs_metrics_and_pickling(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     child.log_artifact(tmp_path / "a.txt", "files")
     child.end()
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     run = client.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id
     assert run.data.params == {"lr": "0.01", "plan.spacing": "[1, 2]"}

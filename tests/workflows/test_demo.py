@@ -30,6 +30,6 @@ def test_demo_runs_the_whole_loop(tmp_path, capsys):
     assert ok["dice_liver"].astype(float).mean() > 0.5
     metrics = pd.read_csv(out / "metrics.csv")
     assert {"case_id", "label", "dice", "hd95", "nsd"} <= set(metrics.columns)
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     assert client.get_model_version_by_alias("medseg-demo", "champion") is not None
     assert client.get_experiment_by_name("medseg-demo-predict") is not None

@@ -146,7 +146,7 @@ def test_dicom_seg_reads_back_onto_the_mask(batch):
 
 def test_batch_is_one_mlflow_run_with_tables_and_pictures(batch, trained_model):
     _, out, truths = batch
-    client = MlflowClient(trained_model.tracking_uri)
+    client = MlflowClient(tracking_uri=trained_model.tracking_uri, registry_uri=trained_model.tracking_uri)
     exp = client.get_experiment_by_name("batch-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["model_name"] == "fixture-phantom"

@@ -58,7 +58,7 @@ def _config(tmp_path: Path, settings: dict) -> str:
 
 
 def _runs(experiment: str):
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -206,7 +206,7 @@ def test_interrupted_fold_resumes_from_checkpoint_with_stable_splits(tmp_path, t
     assert epochs == [1, 2, 3, 4]  # continued at 3, extended to 4
     assert json.loads((work / "splits.json").read_text()) == splits
     assert json.loads((work / "cv_state.json").read_text()) == state  # same MLflow runs
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     history = client.get_metric_history(state["fold_run_ids"]["0"], "train_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert client.get_run(state["fold_run_ids"]["0"]).info.status == "FINISHED"

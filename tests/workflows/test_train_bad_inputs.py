@@ -62,12 +62,12 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
 def _runs(db: Path) -> list:
     if not db.exists():
         return []
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _registered(db: Path) -> list:
-    return MlflowClient(f"sqlite:///{db}").search_registered_models() if db.exists() else []
+    return MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}").search_registered_models() if db.exists() else []
 
 
 # --- fixture writers: each returns the dataset folder ---------------------------------------------

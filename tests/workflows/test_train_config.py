@@ -80,7 +80,7 @@ def test_registered_bundle_records_the_per_label_decision(trained_model):
         assert d["apply"] is (d["oof_dice_with"] > d["oof_dice_without"])
     # ... and the training run reports it: metrics on the parent run, cv_results.json in the work folder
     root = Path(trained_model.tracking_uri.removeprefix("sqlite:///")).parent
-    client = MlflowClient(trained_model.tracking_uri)
+    client = MlflowClient(tracking_uri=trained_model.tracking_uri, registry_uri=trained_model.tracking_uri)
     exp = client.get_experiment_by_name("fixture-train")
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     for name, d in decisions.items():
