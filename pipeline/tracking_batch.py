@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.tracking import Tracker, check_tracking_reachable, tracking_uri
+from preprocessing.source_tree import printable_text
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
     safe["reason_code"] = codes.where((codes != "") | (status == "ok"), status)
     for column in safe.columns:
         if not pd.api.types.is_numeric_dtype(safe[column]):
-            safe[column] = safe[column].map(printable_text)
+            safe[column] = safe[column].map(lambda v: printable_text(v) if isinstance(v, str) else v)
     return safe
 
 
@@ -85,17 +86,6 @@ def _as_numbers(column: pd.Series) -> pd.Series | None:
         return None
     numbers = pd.to_numeric(filled, errors="coerce")
     return numbers if bool((numbers.notna() == filled.notna()).all()) else None
-
-
-def printable_text(value: object) -> object:
-    """``value`` with surrogate-escaped bytes (undecodable file names) as ``\\xNN``; non-strings unchanged."""
-    if not isinstance(value, str):
-        return value
-    try:
-        raw = value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 def log_batch_run(info: BatchRunInfo, out_dir: Path, qc_sample: int | None = None) -> bool:

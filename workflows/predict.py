@@ -34,9 +34,10 @@ from pipeline.case_runner import (
 )
 from pipeline.metrics import json_ready, summarize_metrics
 from pipeline.sliding_window import InferenceConfig
-from pipeline.tracking_batch import BatchRunInfo, log_batch_run, printable_text
+from pipeline.tracking_batch import BatchRunInfo, log_batch_run
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import SourceItem, discover_sources
+from preprocessing.source_tree import printable_text
 from workflows.cluster import dask_client, gpu_count
 
 logger = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def _write_tables(rows: list[dict], bundle, out: Path) -> None:
 
 def printable_rows(rows: list[dict]) -> list[dict]:
     """Rows whose text can be encoded: a surrogate-escaped byte (``\\udce9``) becomes ``\\xe9``."""
-    return [{key: printable_text(value) for key, value in row.items()} for row in rows]
+    return [{k: printable_text(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
 
 
 def _summary(rows: list[dict], bundle) -> dict:
