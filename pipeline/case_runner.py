@@ -237,7 +237,10 @@ def write_case(work: CaseWork, config: CaseConfig) -> dict:
             bundle = load_bundle_cached(config)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            row.update(write_outputs(work, bundle, config, staging))
+            outputs = write_outputs(work, bundle, config, staging)
+            if outputs.get("reason") and row.get("reason"):  # keep discovery's note (a split series)
+                outputs["reason"] = f"{row['reason']}; {outputs['reason']}"
+            row.update(outputs)
     row.update({f"seconds_{name}": round(value, 3) for name, value in work.seconds.items()})
     row["seconds"] = round(sum(work.seconds.values()), 3)
     work.volume = work.labels = work.probabilities = None  # free the arrays before publishing
