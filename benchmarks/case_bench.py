@@ -8,7 +8,7 @@ same network weights, window size, overlap and Gaussian blending:
   ``predict_probabilities`` -> ``resample_argmax`` back to the source grid (linear, on
   probabilities, slab by slab) -> ``keep_largest_component`` -> ``case_runner.write_outputs``
   (mask NIfTI, DICOM SEG and QC picture in parallel threads): the stages of
-  ``pipeline.predictor.segment_volume`` and ``pipeline.case_runner``, called one by one so each
+  ``pipeline.inference.segment.segment_volume`` and ``pipeline.case_runner``, called one by one so each
   can be timed. Each writer alone is timed too, outside the totals;
 - MONAI (as in MONAI bundles' ``inference.json``): ``LoadImaged(PydicomReader|ITKReader)`` on the
   series folder -> ``EnsureChannelFirstd`` -> ``Orientationd("RAS")`` -> ``Spacingd`` ->
@@ -53,11 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.infer_bench import count_flops, machine_info, measure_peaks  # noqa: E402
 from pipeline.bundle import ModelBundle, load_bundle, save_bundle  # noqa: E402
 from pipeline.case_runner import CaseConfig, CaseWork, write_outputs  # noqa: E402
-from pipeline.predictor import keep_largest_component, resample_argmax  # noqa: E402
-from pipeline.qc import write_qc_picture  # noqa: E402
-from pipeline.seg_writer import write_dicom_seg  # noqa: E402
-from pipeline.sliding_window import InferenceConfig, predict_probabilities, window_starts  # noqa: E402
-from preprocessing.dicom_series import read_dicom_series  # noqa: E402
+from pipeline.inference.config import InferenceConfig  # noqa: E402
+from pipeline.inference.segment import keep_largest_component, resample_argmax  # noqa: E402
+from pipeline.inference.sliding_window import predict_probabilities, window_starts  # noqa: E402
+from pipeline.writers.dicom_seg import write_dicom_seg  # noqa: E402
+from pipeline.writers.qc_picture import write_qc_picture  # noqa: E402
+from preprocessing.dicom.series import read_dicom_series  # noqa: E402
 from preprocessing.discovery import SourceItem  # noqa: E402
 from preprocessing.plan import ChannelNormalization, Plan  # noqa: E402
 from preprocessing.resample import resample_to_grid  # noqa: E402

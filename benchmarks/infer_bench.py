@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai.inferers import sliding_window_inference  # noqa: E402
 
-from pipeline.sliding_window import (  # noqa: E402
+from pipeline.inference.config import InferenceConfig  # noqa: E402
+from pipeline.inference.sliding_window import (  # noqa: E402
     MIRROR_AXES,
-    InferenceConfig,
     predict_probabilities,
     window_starts,
 )

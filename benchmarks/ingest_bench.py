@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from preprocessing.dicom_series import read_dicom_series
+from preprocessing.dicom.series import read_dicom_series
 from preprocessing.discovery import discover_sources
 from preprocessing.synthetic import DicomSeriesSpec, orientation_affine, write_dicom_series
 from workflows.cluster import dask_client

@@ -1,7 +1,7 @@
 """Training throughput: iterations/s and the fraction of time the model waits for data, per cache mode.
 
 Runs the real training chain (load, RAS, resample, normalise, crop, pad, patch sampling and the
-nnU-Net-like augmentation) and the real optimiser step (``pipeline.trainer.train_one_epoch``) on a
+nnU-Net-like augmentation) and the real optimiser step (``pipeline.training.trainer.train_one_epoch``) on a
 generated MSD dataset, with MONAI's ``CacheDataset`` (memory), ``PersistentDataset`` (disk) and no
 cache. ``--write`` appends a "## Training" table to benchmarks/RESULTS.md.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.trainer import TrainConfig, _new_loop, train_one_epoch
-from pipeline.training_data import FoldData, make_fold_data
+from pipeline.training.data import FoldData, make_fold_data
+from pipeline.training.trainer import TrainConfig, _new_loop, train_one_epoch
 from preprocessing.msd import read_msd_dataset
 from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
 from preprocessing.synthetic import write_msd_dataset

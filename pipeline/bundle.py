@@ -41,7 +41,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 from torch import nn
 
-from pipeline.postprocessing import normalize_postprocessing, warn_legacy_postprocessing
+from pipeline.inference.postprocessing import normalize_postprocessing, warn_legacy_postprocessing
 from pipeline.tracking import Tracker, set_global_uri
 from preprocessing.atomic import atomic_path, write_text_atomic
 from preprocessing.plan import Plan, read_plan, write_plan
@@ -65,7 +65,7 @@ class ModelBundle:
         plan: preprocessing plan (spacing, normalisation, patch size, labels, network + options).
         fold_states: one ``state_dict`` per fold.
         postprocessing: ``{"largest_component": {label: {"apply": bool, ...}}}``, the per-label
-            decision made on the out-of-fold Dice (``pipeline.postprocessing``); ``{}`` = none.
+            decision made on the out-of-fold Dice (``pipeline.inference.postprocessing``); ``{}`` = none.
         code_version: git commit of the training code.
         cv_mean_dice: cross-validation mean foreground Dice.
         name / version: registered model name and version ("" for a plain folder).
@@ -143,7 +143,7 @@ def bundle_from_checkpoints(
     postprocessing: dict[str, Any] | None = None,
     cv_mean_dice: float = math.nan,
 ) -> ModelBundle:
-    """Bundle the best checkpoints of the folds (``pipeline.trainer`` format: ``{"model": state_dict}``)."""
+    """Bundle the best checkpoints of the folds (``pipeline.training.trainer`` format: ``{"model": state_dict}``)."""
     from pipeline.tracking import code_version
 
     states = []
@@ -383,15 +383,15 @@ try:
 
         # No type hints on predict: MLflow would turn them into an input schema and reject a dict of arrays.
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-            from pipeline.predictor import segment_volume
-            from pipeline.sliding_window import InferenceConfig
+            from pipeline.inference.config import inference_config_for
+            from pipeline.inference.segment import Segmenter
             from preprocessing.image import Volume
 
             image, affine = _parse_pyfunc_input(model_input)
             volume = Volume(image, affine, case_id="pyfunc-input", modality=self.bundle.modality)
-            config = InferenceConfig(roi_size=tuple(self.bundle.patch_size), device=self.device)
-            labels, _ = segment_volume(volume, self.networks, self.bundle, config)
-            return labels
+            config = inference_config_for(self.bundle.plan, device=self.device)
+            segmenter = Segmenter(self.bundle.plan, self.networks, self.bundle.postprocessing, config)
+            return segmenter(volume).labels
 finally:
     warnings.showwarning = _show_warning
 

@@ -38,11 +38,11 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.bundle import ModelBundle, load_bundle
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.segment import Segmentation, Segmenter
 from pipeline.metrics import segmentation_metrics
-from pipeline.predictor import segment_volume
-from pipeline.qc import write_qc_picture
-from pipeline.seg_writer import write_dicom_seg
-from pipeline.sliding_window import InferenceConfig
+from pipeline.writers.dicom_seg import write_dicom_seg
+from pipeline.writers.qc_picture import write_qc_picture
 from preprocessing.atomic import atomic_path
 from preprocessing.discovery import SourceItem
 from preprocessing.image import Volume
@@ -109,8 +109,7 @@ class CaseWork:
     item: SourceItem
     row: dict
     volume: Volume | None = None
-    labels: np.ndarray | None = None
-    probabilities: np.ndarray | None = None
+    segmentation: Segmentation | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -218,13 +217,8 @@ def segment_case(work: CaseWork, config: CaseConfig) -> CaseWork:
             work.row.update(status="skipped", reason=skip_reason, reason_code=skip_code)
             work.volume = None
         else:
-            work.labels, work.probabilities = segment_volume(
-                work.volume,
-                networks,
-                bundle,
-                config.inference,
-                return_probabilities=config.save_probabilities,
-            )
+            segmenter = Segmenter(bundle.plan, networks, bundle.postprocessing, config.inference)
+            work.segmentation = segmenter(work.volume, keep_probabilities=config.save_probabilities)
     return work
 
 
@@ -243,7 +237,7 @@ def write_case(work: CaseWork, config: CaseConfig) -> dict:
             row.update(outputs)
     row.update({f"seconds_{name}": round(value, 3) for name, value in work.seconds.items()})
     row["seconds"] = round(sum(work.seconds.values()), 3)
-    work.volume = work.labels = work.probabilities = None  # free the arrays before publishing
+    work.volume = work.segmentation = None  # free the arrays before publishing
     if row["status"] == "error":
         # A failed case leaves nothing behind, so the next run tries it again.
         shutil.rmtree(staging, ignore_errors=True)
@@ -286,7 +280,7 @@ class _stage:
         self.work.row.update(
             status="error", reason=f"{type(exc).__name__}: {exc}", reason_code=f"{self.name}:{error_kind(exc)}"
         )
-        self.work.volume = self.work.labels = self.work.probabilities = None
+        self.work.volume = self.work.segmentation = None
         return True
 
 
@@ -352,8 +346,9 @@ def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, stagi
     The writers run in threads: NIfTI gzip and PNG encoding release the GIL, so the mask, the SEG
     and the picture of a 512x512x400 scan overlap instead of adding up.
     """
-    item, volume, labels, probabilities = work.item, work.volume, work.labels, work.probabilities
-    assert volume is not None and labels is not None
+    item, volume, segmentation = work.item, work.volume, work.segmentation
+    assert volume is not None and segmentation is not None
+    labels = segmentation.labels
     affine = volume.affine_ras
     jobs = []
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"write-{item.case_id}") as pool:
@@ -369,12 +364,12 @@ def write_outputs(work: CaseWork, bundle: ModelBundle, config: CaseConfig, stagi
                     dtype=np.dtype(np.uint8),
                 )
             )
-        if probabilities is not None:
+        if segmentation.probabilities is not None:
             jobs.append(
                 pool.submit(
                     write_nifti_atomic,
                     # (X, Y, Z, K) float32: NIfTI has no float16 type.
-                    np.moveaxis(probabilities, 0, -1).astype(np.float32),
+                    segmentation.probabilities_on_source_grid(),
                     affine,
                     staging / "probabilities.nii.gz",
                 )

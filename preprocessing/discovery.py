@@ -13,7 +13,7 @@ non-image DICOM objects (SR, presentation states, RT, SEG, DICOMDIR) -- yields o
 :class:`SourceItem` with a status and a reason, so the manifest accounts for every file.
 
 Validation that needs every header in full (gaps, tilt, duplicates, rows/columns) happens when the
-series is read (:func:`preprocessing.dicom_series.read_dicom_series`), on the worker that reads it.
+series is read (:func:`preprocessing.dicom.series.read_dicom_series`), on the worker that reads it.
 """
 
 from __future__ import annotations

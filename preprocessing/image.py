@@ -6,8 +6,49 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+#: Two grids are the same grid when their voxel -> world affines agree to this many millimetres
+#: (header round-off of float32 NIfTI and 6-decimal DICOM values; far below any voxel).
+GRID_TOL_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """The DICOM files a :class:`Volume` was read from, in the volume's slice order.
+
+    Writers that reference the source series (DICOM SEG, RTSTRUCT) take it from here instead of
+    parsing and sorting the files again: the slice order is decided once, by the reader.
+
+    Attributes:
+        files: single-frame series: the file of slice ``k`` at index ``k``; an enhanced
+            multi-frame object: its one file.
+        headers: parsed pydicom Datasets parallel to ``files`` (pixel data dropped). They hold
+            patient data: they stay in the process and are never logged.
+        frame_of_slice: for slice ``k`` of the volume, the 0-based index of its frame in
+            ``files[0]`` (multi-frame) or ``k`` itself (single-frame: files are in slice order).
+    """
+
+    files: tuple[Path, ...]
+    headers: tuple[Any, ...]
+    frame_of_slice: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.files) != len(self.headers):
+            raise ValueError(f"DicomSource: {len(self.headers)} headers for {len(self.files)} files")
+        if len(self.files) > 1 and len(self.frame_of_slice) != len(self.files):
+            raise ValueError(
+                f"DicomSource: {len(self.frame_of_slice)} slices for {len(self.files)} single-frame files"
+            )
+
+    @property
+    def multiframe(self) -> bool:
+        """True for one enhanced multi-frame object."""
+        return len(self.files) == 1 and len(self.frame_of_slice) > 1
 
 
 @dataclass(frozen=True)
@@ -23,6 +64,7 @@ class Volume:
         source: where the data came from (a path on the hospital's disk; never logged to MLflow).
         modality: "CT", "MR", ... or "" when unknown.
         meta: extra, non-identifying facts (series description is *not* stored here).
+        dicom: the DICOM files and headers the volume was read from (None for NIfTI).
     """
 
     array: np.ndarray
@@ -31,6 +73,7 @@ class Volume:
     source: str = ""
     modality: str = ""
     meta: dict = field(default_factory=dict)
+    dicom: DicomSource | None = None
 
     def __post_init__(self) -> None:
         if self.array.ndim != 4:

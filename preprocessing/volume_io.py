@@ -8,7 +8,7 @@ Before a NIfTI's data block is read, the size its header declares is checked aga
 (exactly for ``.nii``; for ``.nii.gz`` against the gzip trailer's ISIZE, and by counting the
 decompressed stream when that does not match) and against the memory available, so a bad header
 costs a clear reason instead of gigabytes. Voxel sizes must lie in
-:data:`preprocessing.dicom_geometry.MIN_SPACING_MM` .. ``MAX_SPACING_MM``.
+:data:`preprocessing.dicom.geometry.MIN_SPACING_MM` .. ``MAX_SPACING_MM``.
 
 A 4D NIfTI (or a multi-component NRRD/MHA) is an image only inside an MSD dataset whose
 ``dataset.json`` declares that many channels; anywhere else :func:`load_source_item` refuses it
@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from preprocessing.atomic import atomic_path
-from preprocessing.dicom_geometry import check_spacing_mm
+from preprocessing.dicom.geometry import check_spacing_mm
 from preprocessing.discovery import NIFTI_SUFFIXES, SourceItem
 from preprocessing.errors import IngestError
 from preprocessing.image import Volume, lps_to_ras, sanitize_case_id
@@ -207,7 +207,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_source_item(item: SourceItem) -> Volume:
     """Read what a discovered item points to, with the item's case id and modality.
 
-    DICOM items go through :func:`preprocessing.dicom_series.read_dicom_series`; file items with
+    DICOM items go through :func:`preprocessing.dicom.series.read_dicom_series`; file items with
     several paths are MSD channels (``CASE_0000``, ``CASE_0001``...), stacked on the channel axis
     after checking they share one grid. A single file with a 4th axis longer than 1 is read as
     channels only when ``item.meta["declared_channels"]`` (an MSD dataset.json) says it has that
@@ -217,7 +217,7 @@ def load_source_item(item: SourceItem) -> Volume:
         IngestError / GeometryError: with a reason naming the input.
     """
     if item.kind == "dicom":
-        from preprocessing.dicom_series import read_dicom_series  # imported here: pydicom decoders are heavy
+        from preprocessing.dicom.series import read_dicom_series  # imported here: pydicom decoders are heavy
 
         volume = read_dicom_series(item.paths)
     elif item.kind in ("nifti", "itk"):

@@ -32,8 +32,8 @@ from pipeline.case_runner import (
     segment_case,
     write_case,
 )
+from pipeline.inference.config import inference_config_for
 from pipeline.metrics import json_ready, summarize_metrics
-from pipeline.sliding_window import InferenceConfig
 from pipeline.tracking_batch import BatchRunInfo, log_batch_run
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import SourceItem, discover_sources
@@ -216,8 +216,8 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
     case_config = CaseConfig(
         bundle_dir=str(bundle_dir),
         out_dir=str(config.out_dir),
-        inference=InferenceConfig(
-            roi_size=tuple(bundle.patch_size), overlap=config.overlap, device=config.device, tta=config.tta
+        inference=inference_config_for(
+            bundle.plan, overlap=config.overlap, device=config.device, tta=config.tta
         ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         save_probabilities=config.save_probabilities,

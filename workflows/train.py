@@ -4,13 +4,13 @@ Work folder (``--out``; default ``./medseg_work/<DATA folder name>`` under the c
 ``$MEDSEG_WORK/<DATA folder name>`` when ``MEDSEG_WORK`` is set; printed on the first line)::
 
     plan.json  splits.json  cv_state.json (MLflow run ids, for --resume)  cv_results.json
-    cache/ (PersistentDataset, when cache: disk)   fold_0/ fold_1/ ... (see pipeline.trainer)
+    cache/ (PersistentDataset, when cache: disk)   fold_0/ fold_1/ ... (see pipeline.training.trainer)
 
 The YAML of ``--config`` is parsed here and nowhere else. It is a flat mapping of
-:class:`~preprocessing.plan.PlanConfig` and :class:`~pipeline.trainer.TrainConfig` field names
+:class:`~preprocessing.plan.PlanConfig` and :class:`~pipeline.training.trainer.TrainConfig` field names
 (optionally grouped under ``plan:`` and ``train:``; ``augment:`` is a nested mapping of
 :class:`~preprocessing.transforms.AugmentConfig`; ``postprocessing:`` forces the largest-component
-decision, see :mod:`pipeline.postprocessing`), e.g.::
+decision, see :mod:`pipeline.inference.postprocessing`), e.g.::
 
     network_options: {channels: [8, 16, 32], strides: [1, 2, 2]}
     optimizer: adamw
@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from pipeline.bundle import ModelBundleError
-from pipeline.postprocessing import (
+from pipeline.inference.postprocessing import (
     LARGEST_COMPONENT,
     check_postprocessing_labels,
     decide_largest_component,
@@ -53,8 +53,8 @@ from pipeline.tracking import (
     end_runs_quietly,
     tracking_uri,
 )
-from pipeline.trainer import FoldResult, TrainConfig, TrainingDivergedError, train_fold
-from pipeline.training_data import FoldData
+from pipeline.training.data import FoldData
+from pipeline.training.trainer import FoldResult, TrainConfig, TrainingDivergedError, train_fold
 from preprocessing.atomic import write_text_atomic
 from preprocessing.errors import DatasetError
 from preprocessing.msd import MsdDataset, read_msd_dataset
@@ -107,7 +107,7 @@ def load_config_file(
 
     Keys may sit at the top level or under ``plan:`` / ``train:``; ``augment:`` and
     ``postprocessing:`` are nested mappings. Per-label ``postprocessing`` names are checked
-    against the dataset later (:func:`~pipeline.postprocessing.check_postprocessing_labels`).
+    against the dataset later (:func:`~pipeline.inference.postprocessing.check_postprocessing_labels`).
 
     Raises:
         ValueError: unknown keys at any level, a section that is not a mapping, or a file that is
@@ -516,7 +516,7 @@ def summarize_folds(
     Keys: ``cv_mean_dice``, ``cv_std_dice``, ``cv_dice_<label>`` (means over folds); per label the
     mean out-of-fold Dice ``oof_dice_<label>`` and ``oof_dice_largest_component_<label>`` and the
     decision ``largest_component_<label>`` (1.0 on, 0.0 off); ``postprocessing`` (what goes into
-    ``bundle.json``, see :mod:`pipeline.postprocessing`); ``folds`` (per-fold rows).
+    ``bundle.json``, see :mod:`pipeline.inference.postprocessing`); ``folds`` (per-fold rows).
 
     Args:
         results: the folds' outcomes (their ``oof_dice`` pooled over folds).

@@ -17,8 +17,8 @@ from pipeline.bundle import (
     resolve_bundle_dir,
     save_bundle,
 )
-from pipeline.predictor import segment_volume
-from pipeline.sliding_window import InferenceConfig
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.segment import Segmenter
 from pipeline.tracking import Tracker, tracking_uri
 from preprocessing.image import Volume
 from preprocessing.plan import ChannelNormalization, Plan
@@ -99,9 +99,13 @@ def test_pyfunc_predicts_label_map(tmp_path):
     labels = model.predict({"image": image, "spacing_mm": [1.5, 1.5, 3.0]})
     assert labels.shape == (20, 18, 12) and labels.dtype == np.uint8
     volume = Volume(image[None], np.diag([1.5, 1.5, 3.0, 1.0]))
-    direct, _ = segment_volume(
-        volume, bundle.build_networks("cpu"), bundle, InferenceConfig(roi_size=(16, 16, 16), device="cpu")
+    segmenter = Segmenter(
+        bundle.plan,
+        bundle.build_networks("cpu"),
+        bundle.postprocessing,
+        InferenceConfig(roi_size=(16, 16, 16), device="cpu"),
     )
+    direct = segmenter(volume).labels
     assert np.array_equal(labels, direct)
     import pandas as pd
 

@@ -143,7 +143,7 @@ def test_load_source_item_merges_msd_channels(tmp_path):
 
 def test_header_declaring_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
     """8 GiB declared, 1 KiB held: refused from the header and the file size, before any data is read."""
-    from preprocessing.synthetic_faults import write_bad_oversized_nifti
+    from preprocessing.synthetic.faults import write_bad_oversized_nifti
 
     for name in ("huge.nii.gz", "huge.nii"):
         with pytest.raises(IngestError, match=r"declares 2048x2048x1024 int16 .* holds only 1,376 bytes"):

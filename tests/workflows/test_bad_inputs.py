@@ -30,7 +30,7 @@ from preprocessing.synthetic import (
     write_dicom_series,
     write_nifti,
 )
-from preprocessing.synthetic_faults import (
+from preprocessing.synthetic.faults import (
     write_bad_4d_nifti,
     write_bad_oversized_nifti,
     write_bad_palette_color,

@@ -15,7 +15,7 @@ from distributed import get_task_stream
 
 from pipeline.bundle import bundle_fingerprint, load_bundle
 from pipeline.case_runner import CaseConfig
-from pipeline.sliding_window import InferenceConfig
+from pipeline.inference.config import InferenceConfig
 from preprocessing.discovery import discover_sources
 from preprocessing.synthetic import write_hospital_folder
 from workflows import predict

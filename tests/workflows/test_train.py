@@ -17,12 +17,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-import pipeline.trainer as trainer
+import pipeline.training.trainer as trainer
 from pipeline.bundle import load_bundle
-from pipeline.predictor import segment_volume
-from pipeline.sliding_window import InferenceConfig
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.segment import Segmenter
 from pipeline.tracking import tracking_uri
-from pipeline.validation import dice_per_label
+from pipeline.training.validation import dice_per_label
 from preprocessing.image import Volume
 from preprocessing.synthetic import write_msd_dataset
 from workflows.cli import main
@@ -129,12 +129,13 @@ def test_train_two_folds_register_and_segment(tmp_path):
     image = nib.load(str(data / "imagesTs" / "case_006.nii.gz"))
     truth = np.asarray(nib.load(str(data / "labelsTs" / "case_006.nii.gz")).dataobj).astype(np.uint8)
     volume = Volume(np.asarray(image.dataobj, np.float32)[None], image.affine)
-    labels, _ = segment_volume(
-        volume,
+    segmenter = Segmenter(
+        bundle.plan,
         bundle.build_networks("cpu"),
-        bundle,
+        bundle.postprocessing,
         InferenceConfig(roi_size=bundle.patch_size, device="cpu"),
     )
+    labels = segmenter(volume).labels
     dice = dice_per_label(labels, truth, bundle.label_names)
     assert labels.shape == truth.shape and dice["liver"] > 0.8, dice
 
@@ -403,7 +404,7 @@ def test_readme_config_example_is_valid_and_bad_augment_keys_are_clear(tmp_path)
     """The YAML shown in the README must load; a typo in `augment` is a clear ValueError (exit 2)."""
     import re
 
-    from pipeline.trainer import TrainConfig
+    from pipeline.training.trainer import TrainConfig
     from preprocessing.plan import PlanConfig
     from workflows.train import load_config_file
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-import pipeline.trainer as trainer
+import pipeline.training.trainer as trainer
 from pipeline.bundle import ModelBundleError, bundle_from_checkpoints, register_bundle
 from pipeline.tracking import Tracker
 from preprocessing.plan import read_plan

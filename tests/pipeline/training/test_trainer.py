@@ -1,0 +1,122 @@
+"""Fold training: checkpoints, resume after a crash continues (not restarts), same result as uninterrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pipeline.training.trainer as trainer
+from pipeline.tracking import Tracker
+from pipeline.training.checkpoint import BEST, LAST, load_checkpoint
+from pipeline.training.data import FoldData
+from pipeline.training.trainer import TrainConfig, train_fold
+from preprocessing.msd import read_msd_dataset
+from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
+from preprocessing.synthetic import write_msd_dataset
+from preprocessing.transforms import AugmentConfig, case_to_item
+
+CONFIG = TrainConfig(
+    epochs=4,
+    optimizer="adamw",
+    learning_rate=3e-3,
+    val_every=2,
+    iterations_per_epoch=2,
+    samples_per_volume=1,
+    torch_threads=1,
+    augment=AugmentConfig(affine_prob=0.5, mirror=True),
+)
+
+
+@pytest.fixture(scope="module")
+def fold(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer") / "msd"
+    write_msd_dataset(root, n_train=3, n_test=0, shape=(24, 24, 12), seed=4, with_patients=False)
+    ds = read_msd_dataset(root)
+    options = {"channels": [4, 8, 8], "strides": [1, 2, 2], "deep_supervision": True}
+    plan = make_plan(
+        fingerprint_dataset(ds), "unet", PlanConfig(patch_size=(16, 16, 8), network_options=options)
+    )
+    items = tuple({**case_to_item(c.image_paths, c.label_path), "case_id": c.case_id} for c in ds.cases)
+    return FoldData(0, items[:2], items[2:]), plan
+
+
+def _epochs(work):
+    return [json.loads(line)["epoch"] for line in (work / trainer.EPOCH_LOG).read_text().splitlines()]
+
+
+def test_resume_after_crash_continues_and_matches_uninterrupted(fold, tmp_path, monkeypatch):
+    data, plan = fold
+    reference = train_fold(data, plan, CONFIG, tmp_path / "ref", Tracker("exp-trainer").start_run("ref"))
+    assert reference.epochs_run == 4 and 1 <= reference.best_epoch <= 4
+    assert (tmp_path / "ref" / BEST).is_file()
+
+    real_epoch = trainer.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault (power cut)")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", crash_on_third)
+    run = Tracker("exp-trainer").start_run("crashy")
+    with pytest.raises(RuntimeError, match="injected"):
+        train_fold(data, plan, CONFIG, tmp_path / "b", run)
+    assert load_checkpoint(tmp_path / "b" / LAST)["epoch"] == 2
+    assert _epochs(tmp_path / "b") == [1, 2]
+
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", counting)
+    resumed = train_fold(
+        data, plan, CONFIG, tmp_path / "b", Tracker("exp-trainer").bind(run.run_id), resume=True
+    )
+    assert counted["n"] == 2  # epochs 3 and 4 only, not from scratch
+    assert _epochs(tmp_path / "b") == [1, 2, 3, 4]
+    assert [s for s, _ in run.metric_history("train_loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in run.metric_history("val_dice")] == [2, 4]
+    # RNG states, augmentation seeds, optimiser and schedule restored: bit-for-bit the same training.
+    ref_state = load_checkpoint(tmp_path / "ref" / LAST)["model"]
+    new_state = load_checkpoint(tmp_path / "b" / LAST)["model"]
+    assert all(torch.allclose(ref_state[k].float(), new_state[k].float(), atol=1e-6) for k in ref_state)
+    assert resumed.best_dice == pytest.approx(reference.best_dice, abs=1e-6)
+
+
+def test_resume_can_extend_epochs_with_poly_schedule(fold, tmp_path):
+    data, plan = fold
+    config = TrainConfig(**{**CONFIG.__dict__, "epochs": 2, "optimizer": "sgd", "learning_rate": 1e-2})
+    tracker = Tracker("exp-trainer").start_run("extend")
+    train_fold(data, plan, config, tmp_path / "e", tracker)
+    longer = TrainConfig(**{**config.__dict__, "epochs": 3})
+    result = train_fold(
+        data, plan, longer, tmp_path / "e", Tracker("exp-trainer").bind(tracker.run_id), resume=True
+    )
+    assert result.epochs_run == 3 and _epochs(tmp_path / "e") == [1, 2, 3]
+    lrs = dict(tracker.metric_history("lr"))
+    assert lrs[1] == pytest.approx(1e-2)
+    assert lrs[3] == pytest.approx(1e-2 * (1 - 2 / 3) ** 0.9, rel=1e-4)  # poly over the new length
+
+
+@pytest.mark.gpu
+def test_amp_training_on_cuda(fold, tmp_path):
+    data, plan = fold
+    config = TrainConfig(**{**CONFIG.__dict__, "device": "cuda", "amp": True, "epochs": 2})
+    result = train_fold(data, plan, config, tmp_path / "gpu", Tracker("exp-gpu").start_run("gpu"))
+    assert result.epochs_run == 2 and 0.0 <= result.best_dice <= 1.0
+    assert load_checkpoint(tmp_path / "gpu" / LAST, map_location="cpu")["epoch"] == 2
+    assert torch.isfinite(
+        torch.tensor(
+            [
+                json.loads(x)["train_loss"]
+                for x in (tmp_path / "gpu" / trainer.EPOCH_LOG).read_text().splitlines()
+            ]
+        )
+    ).all()
