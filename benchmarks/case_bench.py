@@ -8,7 +8,7 @@ same network weights, window size, overlap and Gaussian blending:
   ``predict_probabilities`` -> ``resample_argmax`` back to the source grid (linear, on
   probabilities, slab by slab) -> ``keep_largest_component`` -> ``case_runner.write_outputs``
   (mask NIfTI, DICOM SEG and QC picture in parallel threads): the stages of
-  ``pipeline.inference.segment.segment_volume`` and ``pipeline.case_runner``, called one by one so each
+  ``pipeline.inference.segment.Segmenter`` and ``pipeline.case_runner``, called one by one so each
   can be timed. Each writer alone is timed too, outside the totals;
 - MONAI (as in MONAI bundles' ``inference.json``): ``LoadImaged(PydicomReader|ITKReader)`` on the
   series folder -> ``EnsureChannelFirstd`` -> ``Orientationd("RAS")`` -> ``Spacingd`` ->
@@ -52,16 +52,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.infer_bench import count_flops, machine_info, measure_peaks  # noqa: E402
 from pipeline.bundle import ModelBundle, load_bundle, save_bundle  # noqa: E402
-from pipeline.case_runner import CaseConfig, CaseWork, write_outputs  # noqa: E402
+from pipeline.case_row import CaseRow  # noqa: E402
+from pipeline.case_runner import CaseConfig, CaseInFlight, write_outputs  # noqa: E402
 from pipeline.inference.config import InferenceConfig  # noqa: E402
-from pipeline.inference.segment import keep_largest_component, resample_argmax  # noqa: E402
+from pipeline.inference.postprocessing import keep_largest_component  # noqa: E402
+from pipeline.inference.segment import (
+    Segmentation,  # noqa: E402
+    resample_argmax,  # noqa: E402
+)
 from pipeline.inference.sliding_window import predict_probabilities, window_starts  # noqa: E402
 from pipeline.writers.dicom_seg import write_dicom_seg  # noqa: E402
 from pipeline.writers.qc_picture import write_qc_picture  # noqa: E402
 from preprocessing.dicom.series import read_dicom_series  # noqa: E402
-from preprocessing.discovery import SourceItem  # noqa: E402
 from preprocessing.plan import ChannelNormalization, Plan  # noqa: E402
 from preprocessing.resample import resample_to_grid  # noqa: E402
+from preprocessing.source_item import SourceItem  # noqa: E402
 from preprocessing.synthetic import (  # noqa: E402
     LABEL_NAMES,
     DicomSeriesSpec,
@@ -208,18 +213,19 @@ def run_ours(
     with timer.stage("write outputs"):  # mask NIfTI + DICOM SEG + QC picture, as medseg predict writes them
         item = SourceItem(kind="dicom", case_id="bench", paths=tuple(paths))
         case = CaseConfig(bundle_dir=str(out), out_dir=str(out), inference=cfg)
-        write_outputs(CaseWork(item, {}, volume=volume, labels=labels), bundle, case, out)
+        segmentation = Segmentation(labels, volume.affine_ras)
+        write_outputs(CaseInFlight(item, CaseRow("bench"), volume=volume, segmentation=segmentation), bundle, case, out)
     with timer.stage(EXTRAS[0]):
         write_nifti_atomic(raw, volume.affine_ras, out / "raw_mask.nii.gz", dtype=np.uint8)
     with timer.stage(EXTRAS[1]):
-        write_dicom_seg(labels, paths, bundle.label_names, out / "extra_seg.dcm", "case-bench", "0")
+        write_dicom_seg(labels, volume.dicom, bundle.label_names, out / "extra_seg.dcm", "case-bench", "0")
     with timer.stage(EXTRAS[2]):
         write_qc_picture(volume.array[0], labels, volume.affine_ras, bundle.label_names, out / "extra_qc.png")
     truth = true_labels(volume, args.seed)
     with timer.stage(EXTRAS[3]):
         keep_largest_component(truth, sorted(bundle.label_names))
     with timer.stage(EXTRAS[4]):
-        write_dicom_seg(truth, paths, bundle.label_names, out / "truth_seg.dcm", "case-bench", "0")
+        write_dicom_seg(truth, volume.dicom, bundle.label_names, out / "truth_seg.dcm", "case-bench", "0")
     with timer.stage(EXTRAS[5]):
         write_qc_picture(volume.array[0], truth, volume.affine_ras, bundle.label_names, out / "truth_qc.png")
     timer.net_shape = tuple(image.shape[1:])  # type: ignore[attr-defined]

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData, make_fold_data
-from pipeline.training.trainer import TrainConfig, _new_loop, train_one_epoch
+from pipeline.training.trainer import new_training_state, train_one_epoch
+from preprocessing.fingerprint import fingerprint_dataset
 from preprocessing.msd import read_msd_dataset
-from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
+from preprocessing.plan import PlanConfig, make_plan
 from preprocessing.synthetic import write_msd_dataset
 from preprocessing.transforms import case_to_item
 
@@ -52,7 +54,7 @@ def bench(cache: str, data: FoldData, plan, args: argparse.Namespace, root: Path
     )
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    loop = _new_loop(plan, config)
+    loop = new_training_state(plan, config)
     t0 = time.perf_counter()
     _, loader, _ = make_fold_data(data, plan, config, root / f"cache-{cache}")
     setup = time.perf_counter() - t0

@@ -58,6 +58,39 @@ def build_swin_unetr(
     """
     if deep_supervision:
         raise ValueError("swin_unetr has no deep supervision heads; valid: deep_supervision=False")
+    _check_options(img_size, norm, feature_size, depths, num_heads)
+    net = SwinUNETR(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        feature_size=feature_size,
+        depths=tuple(depths),
+        num_heads=tuple(num_heads),
+        window_size=window_size,
+        drop_rate=dropout,
+        attn_drop_rate=attn_dropout,
+        dropout_path_rate=dropout_path,
+        norm_name=norm,
+        use_checkpoint=use_checkpoint,
+        use_v2=use_v2,
+        spatial_dims=3,
+    )
+    # nn.Module.__setattr__ is typed for Tensor | Module values only; plain attributes are fine at run time.
+    net.min_input_divisor = (SWIN_DIVISOR,) * 3  # type: ignore[assignment]
+    return net
+
+
+def _check_options(
+    img_size: Sequence[int] | int | None,
+    norm: tuple | str,
+    feature_size: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+) -> None:
+    """Refuse, at build time, the options MONAI would only reject at the first forward pass (or never).
+
+    Raises:
+        ValueError: naming the option, the constraint and a valid value.
+    """
     if img_size is not None:
         size = (img_size,) * 3 if isinstance(img_size, int) else tuple(img_size)
         if len(size) != 3 or any(s <= 0 or s % SWIN_DIVISOR for s in size):
@@ -84,24 +117,6 @@ def build_swin_unetr(
             raise ValueError(
                 f"swin_unetr stage {i} width {feature_size * 2**i} is not divisible by num_heads[{i}]={heads}"
             )
-    net = SwinUNETR(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        feature_size=feature_size,
-        depths=tuple(depths),
-        num_heads=tuple(num_heads),
-        window_size=window_size,
-        drop_rate=dropout,
-        attn_drop_rate=attn_dropout,
-        dropout_path_rate=dropout_path,
-        norm_name=norm,
-        use_checkpoint=use_checkpoint,
-        use_v2=use_v2,
-        spatial_dims=3,
-    )
-    # nn.Module.__setattr__ is typed for Tensor | Module values only; plain attributes are fine at run time.
-    net.min_input_divisor = (SWIN_DIVISOR,) * 3  # type: ignore[assignment]
-    return net
 
 
 def _is_instance_norm(norm: tuple | str) -> bool:

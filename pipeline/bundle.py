@@ -8,18 +8,9 @@ Bundle folder layout::
     fold_0.pt ...   one state_dict per fold (tensors only; loaded with ``weights_only=True``)
     registry.json   (only in downloaded copies) registered model name and version
 
-In MLflow the bundle is the ``bundle`` artifact of a pyfunc model (:class:`MedsegPyfuncModel`),
-so ``load_bundle("models:/NAME@champion")`` and ``mlflow.pyfunc.load_model(...)`` both work from
-the registry alone.
-
-Pyfunc input format (``model.predict(model_input)``): a dict with
-
-* ``"image"``: float array ``(X, Y, Z)`` or ``(C, X, Y, Z)`` in the bundle's intensity units (CT in HU),
-* ``"spacing_mm"``: 3 numbers, voxel spacing along X, Y, Z (axes assumed to point along R, A, S), or
-* ``"affine_ras"`` (optional, instead of ``spacing_mm``): 4x4 voxel -> RAS mm affine,
-
-or a one-row ``pandas.DataFrame`` with those columns. Output: ``uint8`` label map ``(X, Y, Z)`` on
-the input grid.
+In MLflow the bundle is the :data:`BUNDLE_ARTIFACT` artifact of a pyfunc model; registering it
+(champion alias) and the pyfunc wrapper live in :mod:`pipeline.tracking_registry`. This module
+reads bundles back from a folder or any MLflow model URI (:func:`load_bundle`).
 """
 
 from __future__ import annotations
@@ -30,27 +21,25 @@ import logging
 import math
 import shutil
 import tempfile
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
-from mlflow.pyfunc import PythonModel
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.inference.postprocessing import normalize_postprocessing, warn_legacy_postprocessing
-from pipeline.tracking import Tracker, set_global_uri
+from pipeline.tracking import check_tracking_reachable, code_version, set_global_uri, tracking_uri
 from preprocessing.atomic import atomic_path, write_text_atomic
 from preprocessing.plan import Plan, read_plan, write_plan
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
-_ARTIFACT = "bundle"
-CHAMPION = "champion"
+#: Name of the bundle folder inside a logged MLflow pyfunc model (``artifacts/bundle``).
+BUNDLE_ARTIFACT = "bundle"
 
 
 class ModelBundleError(Exception):
@@ -144,8 +133,6 @@ def bundle_from_checkpoints(
     cv_mean_dice: float = math.nan,
 ) -> ModelBundle:
     """Bundle the best checkpoints of the folds (``pipeline.training.trainer`` format: ``{"model": state_dict}``)."""
-    from pipeline.tracking import code_version
-
     states = []
     for path in checkpoints:
         if not Path(path).is_file():
@@ -278,7 +265,7 @@ def _read_postprocessing(meta: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def _find_bundle_folder(root: Path) -> Path | None:
     """The bundle itself, or the ``artifacts/bundle`` folder of a downloaded MLflow pyfunc model."""
-    for candidate in (root, root / "artifacts" / _ARTIFACT):
+    for candidate in (root, root / "artifacts" / BUNDLE_ARTIFACT):
         if (candidate / "bundle.json").is_file():
             return candidate
     return None
@@ -300,8 +287,6 @@ def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> 
         if folder is None:
             raise ModelBundleError(f"{uri}: no model bundle folder (bundle.json) there")
         return folder
-    from pipeline.tracking import check_tracking_reachable, tracking_uri
-
     # One quick probe without retries first: MLflow's own backoff makes an unreachable server cost
     # minutes (256 s) before the download gives up.
     problem = check_tracking_reachable(tracking_uri())
@@ -337,10 +322,6 @@ def resolve_bundle_dir(uri: str | Path, cache_dir: str | Path | None = None) -> 
 
 
 def _registry_info(uri: str) -> dict[str, str]:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import tracking_uri
-
     ref = uri[len("models:/") :]
     client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     if "@" in ref:
@@ -364,119 +345,3 @@ def load_bundle(uri_or_dir: str | Path) -> ModelBundle:
         return _read_bundle_folder(resolve_bundle_dir(text))
     with tempfile.TemporaryDirectory(prefix="medseg-bundle-") as tmp:
         return _read_bundle_folder(resolve_bundle_dir(text, cache_dir=Path(tmp) / "download"))
-
-
-# MLflow warns at class creation that ``predict`` lacks type hints; they are left out on purpose
-# (below). MLflow forces its own "once" filter around that check, so a filter cannot silence it;
-# muting the display for the duration of the class statement keeps every importing process quiet.
-_show_warning = warnings.showwarning
-warnings.showwarning = lambda *args, **kwargs: None
-try:
-
-    class MedsegPyfuncModel(PythonModel):
-        """MLflow pyfunc wrapper: predicts a label map from an image array and its spacing (module docstring)."""
-
-        def load_context(self, context: Any) -> None:
-            self.bundle = _read_bundle_folder(Path(context.artifacts[_ARTIFACT]))
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.networks = self.bundle.build_networks(self.device)
-
-        # No type hints on predict: MLflow would turn them into an input schema and reject a dict of arrays.
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-            from pipeline.inference.config import inference_config_for
-            from pipeline.inference.segment import Segmenter
-            from preprocessing.image import Volume
-
-            image, affine = _parse_pyfunc_input(model_input)
-            volume = Volume(image, affine, case_id="pyfunc-input", modality=self.bundle.modality)
-            config = inference_config_for(self.bundle.plan, device=self.device)
-            segmenter = Segmenter(self.bundle.plan, self.networks, self.bundle.postprocessing, config)
-            return segmenter(volume).labels
-finally:
-    warnings.showwarning = _show_warning
-
-
-def _parse_pyfunc_input(model_input: Any) -> tuple[np.ndarray, np.ndarray]:
-    if hasattr(model_input, "iloc"):  # pandas DataFrame: first row
-        model_input = {k: model_input[k].iloc[0] for k in model_input.columns}
-    if not isinstance(model_input, dict) or "image" not in model_input:
-        raise ValueError(
-            "pyfunc input must be a dict (or one-row DataFrame) with 'image' and 'spacing_mm' or 'affine_ras'"
-        )
-    image = np.asarray(model_input["image"], dtype=np.float32)
-    image = image[None] if image.ndim == 3 else image
-    if image.ndim != 4:
-        raise ValueError(f"'image' must be (X, Y, Z) or (C, X, Y, Z); got shape {image.shape}")
-    if model_input.get("affine_ras") is not None:
-        affine = np.asarray(model_input["affine_ras"], dtype=np.float64).reshape(4, 4)
-    elif model_input.get("spacing_mm") is not None:
-        affine = np.diag([*np.asarray(model_input["spacing_mm"], dtype=np.float64).reshape(3), 1.0])
-    else:
-        raise ValueError("pyfunc input needs 'spacing_mm' (3 numbers) or 'affine_ras' (4x4)")
-    return image, affine
-
-
-@dataclass(frozen=True)
-class RegistrationInfo:
-    """Result of :func:`register_bundle`."""
-
-    version: str
-    is_champion: bool
-    champion_version: str
-
-
-def register_bundle(
-    bundle: ModelBundle, tracker: Tracker, model_name: str, cv_mean_dice: float
-) -> RegistrationInfo:
-    """Log the bundle as a pyfunc model in ``tracker``'s run and register a new version of ``model_name``.
-
-    The version is tagged with its ``cv_mean_dice``; alias ``champion`` moves to it only if that
-    beats the current champion's tag (or there is no champion).
-    """
-    from importlib.metadata import version as pkg_version
-
-    for i, state in enumerate(bundle.fold_states):
-        check_finite_weights(state, f"model bundle for {model_name}, fold {i}")
-    set_global_uri(tracker.uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_bundle(replace(bundle, cv_mean_dice=cv_mean_dice), Path(tmp) / _ARTIFACT)
-        # Explicit requirements: MLflow's inference would import the model in a subprocess (slow).
-        reqs = [f"{p}=={pkg_version(p)}" for p in ("torch", "monai", "numpy", "scipy", "nibabel")]
-        with mlflow.start_run(run_id=tracker.run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=MedsegPyfuncModel(),
-                artifacts={_ARTIFACT: str(folder)},
-                registered_model_name=model_name,
-                pip_requirements=reqs,
-            )
-    version = str(info.registered_model_version)
-    client = tracker.client
-    client.set_model_version_tag(model_name, version, "cv_mean_dice", f"{cv_mean_dice:.6f}")
-    client.set_model_version_tag(model_name, version, "network", bundle.network)
-    client.set_model_version_tag(model_name, version, "code_version", bundle.code_version)
-    champion = _champion(tracker, model_name)
-    if champion is None or cv_mean_dice > champion[1]:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-        logger.info(
-            "%s version %s is the new champion (cv_mean_dice %.4f)", model_name, version, cv_mean_dice
-        )
-        return RegistrationInfo(version, True, version)
-    logger.info(
-        "%s version %s (%.4f) does not beat champion version %s (%.4f)",
-        model_name,
-        version,
-        cv_mean_dice,
-        champion[0],
-        champion[1],
-    )
-    return RegistrationInfo(version, False, champion[0])
-
-
-def _champion(tracker: Tracker, model_name: str) -> tuple[str, float] | None:
-    """``(version, cv_mean_dice)`` of the current champion, or ``None``."""
-    try:
-        mv = tracker.client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None
-    return str(mv.version), float(mv.tags.get("cv_mean_dice", "-inf"))

@@ -185,6 +185,11 @@ class Tracker:
         else:
             self.client.log_artifact(self._run(), str(path), artifact_path)
 
+    def log_table(self, data: Any, artifact_file: str) -> None:
+        """Log a table (a pandas DataFrame or a dict of columns) as the run's JSON table ``artifact_file``,
+        which the MLflow UI shows and compares across runs."""
+        self.client.log_table(self._run(), data=data, artifact_file=artifact_file)
+
     def end(self, status: str = "FINISHED") -> None:
         """End the run: ``FINISHED``, ``FAILED`` (an error) or ``KILLED`` (interrupted by the user)."""
         self.client.set_terminated(self._run(), status=status)
@@ -226,6 +231,9 @@ class NullTracker(Tracker):
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_table(self, data: Any, artifact_file: str) -> None:
         pass
 
     def end(self, status: str = "FINISHED") -> None:

@@ -58,7 +58,8 @@ def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
     A row without a ``reason_code`` (made by an older version) that is not ok gets its status as
     the code; text is made printable (a surrogate-escaped byte of an odd file name becomes ``\\xe9``).
     """
-    columns = {c: table[c] for c in table.columns if c in LOGGED_TEXT_COLUMNS}
+    # A text cell left empty (a discovery row has no model fingerprint) is "", as in cases.csv.
+    columns = {c: _text_column(table[c]) for c in table.columns if c in LOGGED_TEXT_COLUMNS}
     for c in table.columns:
         numbers = None if c in columns or c in _NEVER_LOGGED else _as_numbers(table[c])
         if numbers is not None:
@@ -72,6 +73,10 @@ def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
         if not pd.api.types.is_numeric_dtype(safe[column]):
             safe[column] = safe[column].map(lambda v: printable_text(v) if isinstance(v, str) else v)
     return safe
+
+
+def _text_column(column: pd.Series) -> pd.Series:
+    return column.astype(object).where(column.notna(), "")
 
 
 def _as_numbers(column: pd.Series) -> pd.Series | None:
@@ -88,15 +93,26 @@ def _as_numbers(column: pd.Series) -> pd.Series | None:
     return numbers if bool((numbers.notna() == filled.notna()).all()) else None
 
 
-def log_batch_run(info: BatchRunInfo, out_dir: Path, qc_sample: int | None = None) -> bool:
-    """Log the finished batch in ``out_dir`` as one MLflow run. Returns False if it could not."""
+def log_batch_run(
+    info: BatchRunInfo, out_dir: Path, cases: pd.DataFrame, summary: dict, qc_sample: int | None = None
+) -> bool:
+    """Log the finished batch as one MLflow run. Returns False if it could not.
+
+    Args:
+        info: the run's model and parameters.
+        out_dir: the batch folder (its ``<case_id>/qc.png`` pictures are logged).
+        cases: the table written as ``cases.csv`` (rows of earlier runs of a resumed batch
+            included); only :func:`loggable_cases` of it is logged.
+        summary: what was written as ``summary.json`` (strict-JSON ready: ``None`` for undefined).
+        qc_sample: log at most this many QC pictures (``None``: all).
+    """
     uri = tracking_uri()
     problem = check_tracking_reachable(uri)
     if problem:
         _warn_not_logged(uri, problem, out_dir)
         return False
     try:
-        _log(info, Path(out_dir), qc_sample, uri)
+        _log(info, Path(out_dir), cases, summary, qc_sample, uri)
         return True
     except Exception as exc:  # the outputs are safe on disk; losing the log must not lose them
         _warn_not_logged(uri, f"{type(exc).__name__}: {exc}", out_dir)
@@ -113,9 +129,9 @@ def _warn_not_logged(uri: str, problem: str, out_dir: Path) -> None:
     )
 
 
-def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None:
-    table = pd.read_csv(out / "cases.csv", keep_default_na=False)
-    summary = json.loads((out / "summary.json").read_text())
+def _log(
+    info: BatchRunInfo, out: Path, table: pd.DataFrame, summary: dict, qc_sample: int | None, uri: str
+) -> None:
     # Tracker creates the experiment with a local artifact root next to a sqlite store (never ./mlruns).
     run = Tracker(info.experiment, uri).start_run(
         f"predict-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -145,8 +161,7 @@ def _log(info: BatchRunInfo, out: Path, qc_sample: int | None, uri: str) -> None
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             for name in ("cases.csv", "failures.csv", "summary.json"):
                 run.log_artifact(tmp / name)
-            assert run.run_id is not None  # start_run returns a tracker bound to the new run
-            run.client.log_table(run.run_id, data=safe, artifact_file="cases.json")
+            run.log_table(safe, artifact_file="cases.json")
             _log_qc_pictures(run, table, out, tmp, qc_sample)
         status = "FINISHED"
         logger.info("batch logged to MLflow run %s (experiment %s)", run.run_id, info.experiment)

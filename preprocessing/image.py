@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 
 #: Two grids are the same grid when their voxel -> world affines agree to this many millimetres
 #: (header round-off of float32 NIfTI and 6-decimal DICOM values; far below any voxel).
@@ -63,7 +62,6 @@ class Volume:
         case_id: pseudonymous case id; never a patient name or ID.
         source: where the data came from (a path on the hospital's disk; never logged to MLflow).
         modality: "CT", "MR", ... or "" when unknown.
-        meta: extra, non-identifying facts (series description is *not* stored here).
         dicom: the DICOM files and headers the volume was read from (None for NIfTI).
     """
 
@@ -72,7 +70,6 @@ class Volume:
     case_id: str = ""
     source: str = ""
     modality: str = ""
-    meta: dict = field(default_factory=dict)
     dicom: DicomSource | None = None
 
     def __post_init__(self) -> None:

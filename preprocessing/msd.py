@@ -21,6 +21,8 @@ import json
 import logging
 import re
 import zlib
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -29,13 +31,15 @@ import nibabel as nib
 import numpy as np
 
 from preprocessing.errors import DatasetError
+from preprocessing.image import GRID_TOL_MM
+from preprocessing.image_files import NIFTI_SUFFIXES, image_file_kind, strip_image_suffix
 
 logger = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net v2 channel files: ``<case>_0000``, ``<case>_0001``, ... (four digits).
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-# Affines of an image and its label must agree to this many millimetres (float32 headers).
-_AFFINE_TOL_MM = 1e-3
+# A label map index written as a JSON key: "0", "1", ... (MSD style; "-1" is read, then refused).
+_INDEX_KEY = re.compile(r"^-?\d+$")
 #: Largest label value: label maps are read and masks written as 8-bit (uint8), so larger values would
 #: wrap (256 -> background). Renumber such labels 1..K in dataset.json and the label files.
 MAX_LABEL_VALUE = 255
@@ -111,15 +115,7 @@ def read_msd_dataset(root: str | Path, check_geometry: bool = True) -> MsdDatase
         raise DatasetError(
             f"{root}: no dataset.json; expected an MSD dataset folder (dataset.json, imagesTr/, labelsTr/)"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{meta_path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise DatasetError(
-            f"{meta_path}: holds a JSON {type(meta).__name__}, expected an object with 'labels', 'modality' "
-            'and \'training\' (e.g. {"labels": {"0": "background", "1": "liver"}, "modality": {"0": "CT"}})'
-        )
+    meta = _read_dataset_json(meta_path)
     labels = _parse_index_map(meta.get("labels"), meta_path, "labels")
     labels.setdefault(0, "background")
     out_of_range = {k: v for k, v in labels.items() if not 0 <= k <= MAX_LABEL_VALUE}
@@ -141,51 +137,113 @@ def read_msd_dataset(root: str | Path, check_geometry: bool = True) -> MsdDatase
     return dataset
 
 
+def read_dataset_labels(path: str | Path) -> dict[int, str]:
+    """The ``labels`` of a ``dataset.json``: label value -> name, as declared (background included if it is).
+
+    Accepts MSD's ``{"0": "background", "1": "liver"}`` and nnU-Net v2's
+    ``{"background": 0, "liver": 1}`` (region lists are not supported).
+
+    Raises:
+        DatasetError: the file is not JSON or not an object, or ``labels`` is missing, empty, or
+            has an entry that is neither style; the message names the file and the entry.
+    """
+    path = Path(path)
+    return _parse_index_map(_read_dataset_json(path).get("labels"), path, "labels")
+
+
+def _read_dataset_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(
+            f"{path}: holds a JSON {type(meta).__name__}, expected an object with 'labels', 'modality' "
+            'and \'training\' (e.g. {"labels": {"0": "background", "1": "liver"}, "modality": {"0": "CT"}})'
+        )
+    return meta
+
+
 def _parse_index_map(raw: object, where: Path, key: str) -> dict[int, str]:
-    """``{"0": "CT"}`` or nnU-Net v2's ``{"liver": 1}`` -> ``{0: "CT"}``."""
+    """A ``dataset.json`` index map -> ``{index: name}`` sorted by index.
+
+    Args:
+        raw: the JSON value: MSD style ``{"0": "CT"}`` (index keys) or nnU-Net v2 style
+            ``{"liver": 1}`` (index values: an integer, or a string of one).
+        where: the file, for messages.
+        key: the map's name in the file (``"labels"``, ``"modality"``), for messages.
+
+    Raises:
+        DatasetError: ``raw`` is not a non-empty object, or an entry is neither style.
+    """
     if not isinstance(raw, dict) or not raw:
         raise DatasetError(f"{where}: missing or empty '{key}' mapping")
     out: dict[int, str] = {}
-    for k, v in raw.items():
-        try:
-            index, name = (int(k), str(v)) if str(k).isdigit() else (int(v), str(k))
-        except (TypeError, ValueError) as exc:
-            raise DatasetError(f"{where}: '{key}' entry {k!r}: {v!r} is not index -> name") from exc
-        out[index] = name
+    for name_or_index, value in raw.items():
+        if _INDEX_KEY.match(str(name_or_index)):
+            out[int(name_or_index)] = str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[value] = str(name_or_index)
+        elif isinstance(value, str) and _INDEX_KEY.match(value):
+            out[int(value)] = str(name_or_index)
+        else:
+            regions = " (nnU-Net region lists are not supported)" if isinstance(value, list) else ""
+            raise DatasetError(
+                f"{where}: '{key}' entry {name_or_index!r}: {value!r} is neither MSD style "
+                f'({{"1": "liver"}}) nor nnU-Net v2 style ({{"liver": 1}}){regions}'
+            )
     return dict(sorted(out.items()))
 
 
-def _strip_nifti(name: str) -> str | None:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
+def group_case_channels(paths: Iterable[Path]) -> dict[str, list[tuple[int, Path]]]:
+    """Image files of an MSD ``imagesTr/``/``imagesTs/`` folder grouped into cases.
+
+    ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``... (nnU-Net v2) are the channels of ``<case>``;
+    any other image file is channel 0 of the case named by its stem (MSD: one 3D or 4D file per case).
+
+    Args:
+        paths: the case image files (already filtered: no hidden files, no non-images).
+
+    Returns:
+        case id -> ``(channel, path)`` sorted by channel, cases in the order first met.
+    """
+    cases: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for path in paths:
+        stem = strip_image_suffix(path.name)
+        match = _CHANNEL_FILE.match(stem)
+        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
+        cases[case_id].append((channel, path))
+    return {case_id: sorted(channels) for case_id, channels in cases.items()}
+
+
+def channel_numbering_problem(channels: list[tuple[int, Path]]) -> str:
+    """Why a case's channel numbers are not 0..C-1 ("" when they are)."""
+    numbers = [c for c, _ in channels]
+    if numbers == list(range(len(numbers))):
+        return ""
+    return f"channels {numbers} are not numbered 0..{len(numbers) - 1}"
+
+
+def _is_nifti_case_file(path: Path) -> bool:
+    # MSD archives ship macOS "._" junk files next to the images.
+    return image_file_kind(path) == "nifti" and not path.name.startswith(".")
 
 
 def _find_cases(root: Path, meta: dict) -> list[MsdCase]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         return []
-    channel_files: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(images_dir.iterdir()):
-        stem = _strip_nifti(path.name)
-        if stem is None or path.name.startswith("."):  # MSD archives ship macOS "._" junk files
-            continue
-        match = _CHANNEL_FILE.match(stem)
-        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, 0)
-        channel_files.setdefault(case_id, []).append((channel, path))
+    channel_files = group_case_channels(p for p in sorted(images_dir.iterdir()) if _is_nifti_case_file(p))
     patients = _read_patients(root, meta)
     cases = []
     for case_id, files in sorted(channel_files.items()):
-        channels = [c for c, _ in sorted(files)]
-        if channels != list(range(len(files))):
-            raise DatasetError(
-                f"case {case_id}: channel files {channels} are not numbered 0..{len(files) - 1}"
-            )
+        problem = channel_numbering_problem(files)
+        if problem:
+            raise DatasetError(f"case {case_id}: {problem}")
         label_path = next(
             (
                 labels_dir / f"{case_id}{s}"
-                for s in _NIFTI_SUFFIXES
+                for s in NIFTI_SUFFIXES
                 if (labels_dir / f"{case_id}{s}").is_file()
             ),
             None,
@@ -194,7 +252,7 @@ def _find_cases(root: Path, meta: dict) -> list[MsdCase]:
             raise DatasetError(
                 f"case {case_id}: image has no label in {labels_dir} (expected {case_id}.nii.gz)"
             )
-        cases.append(MsdCase(case_id, tuple(p for _, p in sorted(files)), label_path, patients.get(case_id)))
+        cases.append(MsdCase(case_id, tuple(p for _, p in files), label_path, patients.get(case_id)))
     return cases
 
 
@@ -203,10 +261,10 @@ def _read_patients(root: Path, meta: dict) -> dict[str, str]:
     patients: dict[str, str] = {}
     for entry in meta.get("training", []) or []:
         if isinstance(entry, dict) and entry.get("patient_id") is not None and entry.get("image"):
-            stem = _strip_nifti(Path(str(entry["image"])).name)
-            if stem is not None:
-                match = _CHANNEL_FILE.match(stem)
-                patients[match["case"] if match else stem] = str(entry["patient_id"])
+            image = Path(str(entry["image"]))
+            if image_file_kind(image) == "nifti":
+                (case_id,) = group_case_channels([image])
+                patients[case_id] = str(entry["patient_id"])
     csv_path = root / "patients.csv"
     if csv_path.is_file():
         with csv_path.open(newline="") as fh:
@@ -240,7 +298,7 @@ def validate_case(case: MsdCase, dataset: MsdDataset) -> None:
                 f"case {case.case_id}: image {path.name} has shape {shape} but its label has {label_shape}; "
                 "image and label must be on the same voxel grid"
             )
-        if not np.allclose(img.affine, label_img.affine, atol=_AFFINE_TOL_MM):
+        if not np.allclose(img.affine, label_img.affine, atol=GRID_TOL_MM):
             raise DatasetError(
                 f"case {case.case_id}: image {path.name} and its label have different affines "
                 f"(max difference {np.abs(img.affine - label_img.affine).max():.4g} mm); resample the label onto the image grid"

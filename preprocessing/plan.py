@@ -1,15 +1,13 @@
 """Dataset fingerprint -> ``plan.json`` (nnU-Net's fingerprint/plans idea, simplified).
 
-The fingerprint records per-case spacings and shapes (in RAS axis order, i.e. after the
-``Orientationd("RAS")`` of the training chain) and foreground intensity statistics per channel.
-The planner turns it into a :class:`Plan`: target spacing, patch size, batch size, normalisation
-per channel, labels and the network. Training and inference both read the plan; it travels
-inside the model bundle.
+The planner turns a :class:`~preprocessing.fingerprint.Fingerprint` (per-case spacings and shapes
+in RAS axis order, foreground intensity statistics per channel) into a :class:`Plan`: target
+spacing, patch size, batch size, normalisation per channel, labels and the network. Training and
+inference both read the plan; it travels inside the model bundle.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,11 +16,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import nibabel as nib
 import numpy as np
 
 from preprocessing.atomic import write_text_atomic
-from preprocessing.msd import MsdDataset, load_case_arrays
+from preprocessing.fingerprint import Fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +55,9 @@ class PlanConfig:
             the transformers).
         network_options: the user's explicit keyword arguments for ``networks.build_network``; they
             win over the options derived from the plan (the plan stores the merged result).
-        foreground_samples_per_case: foreground voxels sampled per case for CT statistics.
+        foreground_samples_per_case: foreground voxels sampled per case for CT statistics
+            (by ``preprocessing.fingerprint.fingerprint_dataset``).
+        seed: seed of that sample.
     """
 
     target_spacing_mm: tuple[float, float, float] | None = None
@@ -86,22 +85,6 @@ class ChannelNormalization:
     clip_high: float = 0.0
     mean: float = 0.0
     std: float = 1.0
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """Facts about a training dataset; see module docstring. Spacings/shapes in RAS axis order."""
-
-    spacings_mm: tuple[tuple[float, float, float], ...]
-    shapes: tuple[tuple[int, int, int], ...]
-    foreground: tuple[dict[str, float], ...]  # per channel: mean, std, p00_5, p99_5, min, max
-    modalities: dict[int, str]
-    labels: dict[int, str]
-    dataset_name: str = ""
-
-    def sha256(self) -> str:
-        """Stable hash of the fingerprint (logged to MLflow to tie runs to their data)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -176,54 +159,6 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
 def read_plan(path: str | Path) -> Plan:
     """Read ``plan.json``."""
     return Plan.from_dict(json.loads(Path(path).read_text()))
-
-
-def _ras_order(affine: np.ndarray) -> np.ndarray:
-    """Index permutation taking voxel axes to RAS axis order (what ``Orientationd("RAS")`` does)."""
-    ornt = nib.orientations.io_orientation(affine)
-    order = np.empty(3, dtype=int)
-    for voxel_axis, (world_axis, _) in enumerate(ornt):
-        order[int(world_axis)] = voxel_axis
-    return order
-
-
-def fingerprint_dataset(dataset: MsdDataset, config: PlanConfig = PlanConfig()) -> Fingerprint:
-    """Measure spacings, shapes and foreground intensities of every training case.
-
-    Foreground intensities are a seeded sample of ``config.foreground_samples_per_case`` voxels
-    under the label (> 0) per case, taken on the original grid (as nnU-Net does).
-    """
-    rng = np.random.default_rng(config.seed)
-    spacings: list[tuple[float, float, float]] = []
-    shapes: list[tuple[int, int, int]] = []
-    samples: list[list[np.ndarray]] = [[] for _ in range(dataset.num_channels)]
-    for case in dataset.cases:
-        image, label, affine = load_case_arrays(case)
-        order = _ras_order(affine)
-        spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        spacings.append(cast(tuple[float, float, float], tuple(float(spacing[i]) for i in order)))
-        shapes.append(cast(tuple[int, int, int], tuple(int(label.shape[i]) for i in order)))
-        fg = np.flatnonzero(label > 0)
-        if fg.size:
-            pick = rng.choice(fg, size=min(fg.size, config.foreground_samples_per_case), replace=False)
-            for c in range(image.shape[0]):
-                samples[c].append(image[c].reshape(-1)[pick])
-    stats = []
-    for c in range(dataset.num_channels):
-        values = np.concatenate(samples[c]) if samples[c] else np.zeros(1, np.float32)
-        stats.append(
-            {
-                "mean": float(values.mean()),
-                "std": float(values.std()),
-                "p00_5": float(np.percentile(values, 0.5)),
-                "p99_5": float(np.percentile(values, 99.5)),
-                "min": float(values.min()),
-                "max": float(values.max()),
-            }
-        )
-    return Fingerprint(
-        tuple(spacings), tuple(shapes), tuple(stats), dataset.modalities, dataset.labels, dataset.name
-    )
 
 
 def target_spacing(fingerprint: Fingerprint, anisotropy_threshold: float = 3.0) -> tuple[float, float, float]:

@@ -1,4 +1,9 @@
-"""World-coordinate resampling of voxel tensors between two grids (CPU or GPU).
+"""World-coordinate resampling of voxel tensors between two grids (CPU or GPU): the one resampler.
+
+Training (``preprocessing.transforms.ResampleToPlanGrid``, in the cached head of the MONAI chain),
+validation (the same chain) and inference (``preprocess_for_inference`` into the network grid, and
+``pipeline.inference.segment`` back onto the source grid) all call :func:`target_grid` and
+:func:`resample_to_grid`, so a case lands on the same network grid wherever it is used.
 
 Why hand-written rather than MONAI ``Spacingd``/``Invertd``: those run through the ``MetaTensor``
 transform machinery and, in the standard wiring, on the CPU inside the data loader. The product's

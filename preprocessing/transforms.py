@@ -2,16 +2,18 @@
 
 Training chain (dictionary transforms on ``{"image": [paths], "label": path}``)::
 
-    LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(plan spacing)
-    -> CropForegroundd(non-zero) -> NormalizeIntensityByPland -> SpatialPadd(patch)   [deterministic, cached]
+    LoadImaged -> EnsureChannelFirstd -> ResampleToPlanGrid (RAS-aligned, plan spacing)
+    -> CropForegroundd(non-zero) -> NormalizePerPlan -> SpatialPadd(patch)   [deterministic, cached]
     -> RandCropByPosNegLabeld -> RandAffined [-> Rand3DElasticd] -> intensity augmentation -> RandFlipd
 
 MONAI's ``CacheDataset``/``PersistentDataset`` cache everything up to the first random transform,
 so the deterministic part runs once per case, not once per epoch.
 
 Inference does not use MONAI's loaders: :func:`preprocess_for_inference` takes a :class:`Volume`
-(from any reader of the project), resamples it onto a RAS-aligned grid of the plan spacing with
-``preprocessing.resample`` and calls the *same* :func:`normalize_intensity` as training.
+(from any reader of the project). Both paths resample with the one resampler,
+``preprocessing.resample`` (``target_grid`` + ``resample_to_grid``), so a case lands on the same
+network grid in training, validation and inference, and both call the *same*
+:func:`normalize_intensity`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -30,7 +33,6 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
-    Orientationd,
     Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
@@ -39,7 +41,6 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
-    Spacingd,
     SpatialPadd,
 )
 
@@ -108,17 +109,67 @@ def normalize_intensity(image: torch.Tensor, normalization: tuple[ChannelNormali
     return out
 
 
-class NormalizeIntensityByPland(MapTransform):
-    """Dictionary wrapper of :func:`normalize_intensity` (keeps MetaTensor metadata)."""
+class ResampleToPlanGrid(MapTransform):
+    r"""Resample a case onto its network grid with ``preprocessing.resample`` (the one resampler).
+
+    The grid is ``target_grid(affine, shape, spacing_mm)`` of the first key (the image): RAS-aligned,
+    the plan spacing, covering the image's field of view -- the grid :func:`preprocess_for_inference`
+    gives the same case. Every key is resampled onto it from its own affine, with its own mode
+    (``"linear"`` for the image, ``"nearest"`` for the label; edge voxels extend outwards). Used
+    instead of MONAI ``Orientationd`` + ``Spacingd`` so that training has no second resampler whose
+    grid and interpolation could drift from inference's.
+
+    Inputs and outputs are ``MetaTensor``\ s ``(C, X, Y, Z)``; the output's ``affine`` is the new grid's,
+    the other metadata (file name, original affine) is kept, so later crops, pads and the QC picture see
+    a consistent geometry. The resample itself is not recorded for MONAI's ``Invertd`` (nothing inverts
+    the training chain: predictions go back with ``resample_to_grid`` and the source's affine).
+    """
+
+    def __init__(
+        self, keys: tuple[str, ...], spacing_mm: tuple[float, float, float], modes: tuple[str, ...]
+    ) -> None:
+        super().__init__(keys)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"one mode per key: keys {self.keys}, modes {modes}")
+        self.spacing_mm = tuple(float(s) for s in spacing_mm)
+        self.modes = dict(zip(self.keys, modes, strict=True))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reference = d[self.keys[0]]
+        grid, shape = target_grid(_affine_of(reference), reference.shape[1:], self.spacing_mm)
+        for key in self.key_iterator(d):
+            d[key] = self._resample(d[key], grid, shape, self.modes[key])
+        return d
+
+    @staticmethod
+    def _resample(image: Any, grid: np.ndarray, shape: tuple[int, int, int], mode: str) -> MetaTensor:
+        affine = _affine_of(image)
+        values = resample_to_grid(image.as_tensor().to(torch.float32), affine, grid, shape, mode=mode)
+        meta = {k: v for k, v in image.meta.items() if k != "affine"}  # the new grid replaces it
+        return MetaTensor(values, affine=torch.as_tensor(grid, dtype=torch.float64), meta=meta)
+
+
+def _affine_of(image: Any) -> np.ndarray:
+    """Voxel->RAS mm affine of a loaded image (MONAI keeps it in ``MetaTensor.affine``)."""
+    if not isinstance(image, MetaTensor):
+        raise TypeError(
+            "ResampleToPlanGrid needs MetaTensors with an affine (load the images with LoadImaged)"
+        )
+    return np.asarray(image.affine, dtype=np.float64)
+
+
+class NormalizePerPlan(MapTransform):
+    """Dictionary wrapper of :func:`normalize_intensity`: each channel as ``Plan.normalization`` says
+    (keeps MetaTensor metadata)."""
 
     def __init__(self, keys: str, normalization: tuple[ChannelNormalization, ...]) -> None:
         super().__init__(keys)
         self.normalization = normalization
 
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        # MONAI annotates data as Mapping[Hashable, Any]; a str-keyed dict is what it iterates at run time.
-        for key in self.key_iterator(cast(Mapping[Hashable, Any], d)):
+        for key in self.key_iterator(d):
             image = d[key]
             normalized = normalize_intensity(torch.as_tensor(image), self.normalization)
             if hasattr(image, "copy_meta_from"):
@@ -136,18 +187,13 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 def deterministic_transforms(plan: Plan) -> list:
-    """Load -> channel first -> RAS -> plan spacing -> crop zero borders -> normalise -> pad to patch."""
+    """Load -> channel first -> network grid (RAS, plan spacing) -> crop zero borders -> normalise -> pad."""
     return [
         LoadImaged(keys=KEYS, reader="NibabelReader", image_only=True),  # MSD is NIfTI: skip reader probing
         EnsureChannelFirstd(keys=KEYS),
-        Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        # diagonal=True: resample onto a RAS-aligned grid (no rotation), as preprocess_for_inference does,
-        # so an oblique acquisition shows the network the same anatomical orientation in both.
-        Spacingd(
-            keys=KEYS, pixdim=plan.spacing_mm, diagonal=True, mode=("bilinear", "nearest"), dtype=np.float32
-        ),
+        ResampleToPlanGrid(KEYS, plan.spacing_mm, modes=("linear", "nearest")),
         CropForegroundd(keys=KEYS, source_key="image", select_fn=_nonzero, allow_smaller=True),
-        NormalizeIntensityByPland("image", plan.normalization),
+        NormalizePerPlan("image", plan.normalization),
         SpatialPadd(keys=KEYS, spatial_size=plan.patch_size),
         EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=True),
     ]

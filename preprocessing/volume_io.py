@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -31,9 +32,10 @@ import numpy as np
 
 from preprocessing.atomic import atomic_path
 from preprocessing.dicom.geometry import check_spacing_mm
-from preprocessing.discovery import NIFTI_SUFFIXES, SourceItem
 from preprocessing.errors import IngestError
-from preprocessing.image import Volume, lps_to_ras, sanitize_case_id
+from preprocessing.image import GRID_TOL_MM, Volume, lps_to_ras, sanitize_case_id
+from preprocessing.image_files import image_file_kind, strip_image_suffix
+from preprocessing.source_item import SourceItem
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,6 @@ logger = logging.getLogger(__name__)
 # the write time, and ingestion writes every series once (nibabel's own default is also 1).
 # Read-time cost is the same at any level.
 NIFTI_COMPRESSLEVEL = 1
-_AFFINE_TOL_MM = 1e-3
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
@@ -60,18 +61,14 @@ def read_volume(path: str | os.PathLike) -> Volume:
             the physical range (GeometryError).
     """
     path = Path(path)
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
+    if image_file_kind(path) == "nifti":
         array, affine = _read_nifti(path)
     else:
         array, affine = _read_itk(path)
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise IngestError(f"{path}: {bad} NaN/Inf voxel(s); the file is corrupt or not an image")
-    stem = path.name
-    for suffix in (*NIFTI_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+    stem = strip_image_suffix(path.name)
     return Volume(array=array, affine_ras=affine, case_id=sanitize_case_id(stem), source=os.fspath(path))
 
 
@@ -224,32 +221,26 @@ def load_source_item(item: SourceItem) -> Volume:
         volume = _read_channels(item.paths, int(item.meta.get("declared_channels", 0) or 0))
     else:
         raise IngestError(f"{item.paths[0] if item.paths else '?'}: nothing to read ({item.kind})")
-    return Volume(
-        volume.array,
-        volume.affine_ras,
-        case_id=item.case_id,
-        source=volume.source,
-        modality=volume.modality or item.modality,
-        meta=volume.meta,
-    )
+    # replace() keeps everything the reader filled in (the DICOM source for the SEG writer).
+    return replace(volume, case_id=item.case_id, modality=volume.modality or item.modality)
 
 
 def _read_channels(paths: tuple[Path, ...], declared_channels: int = 0) -> Volume:
     """One image from one file, or from MSD channel files (one 3D file per channel)."""
     allowed = declared_channels if len(paths) == 1 and declared_channels > 1 else 1
     for path in paths:
-        if path.name.lower().endswith(NIFTI_SUFFIXES):
+        if image_file_kind(path) == "nifti":
             shape = _load_nifti_header(path).header.get_data_shape()
-            _check_volumes(path, int(shape[3]) if len(shape) > 3 else 1, allowed, declared_channels)
+            _check_volume_count(path, int(shape[3]) if len(shape) > 3 else 1, allowed, declared_channels)
     volumes = [read_volume(p) for p in paths]
     for volume, path in zip(volumes, paths, strict=True):
-        _check_volumes(path, volume.array.shape[0], allowed, declared_channels)
+        _check_volume_count(path, volume.array.shape[0], allowed, declared_channels)
     if len(volumes) == 1:
         return volumes[0]
     first = volumes[0]
     for other, path in zip(volumes[1:], paths[1:], strict=True):
         if other.spatial_shape != first.spatial_shape or not np.allclose(
-            other.affine_ras, first.affine_ras, atol=_AFFINE_TOL_MM
+            other.affine_ras, first.affine_ras, atol=GRID_TOL_MM
         ):
             raise IngestError(f"channel {path} is on a different grid than {paths[0]}")
     dtype = np.result_type(*[v.array.dtype for v in volumes])
@@ -257,17 +248,17 @@ def _read_channels(paths: tuple[Path, ...], declared_channels: int = 0) -> Volum
     return Volume(array, first.affine_ras, source=os.fspath(paths[0].parent))
 
 
-def _check_volumes(path: Path, n: int, allowed: int, declared: int) -> None:
-    """Refuse a file holding ``n`` > 1 volumes (4th axis or vector voxels) where ``allowed`` differ."""
-    if n == 1 or n == allowed:
+def _check_volume_count(path: Path, n_volumes: int, allowed: int, declared_channels: int) -> None:
+    """Refuse a file holding ``n_volumes`` > 1 volumes (4th axis or vector voxels) unless it holds ``allowed``."""
+    if n_volumes == 1 or n_volumes == allowed:
         return
-    if declared > 1:
+    if declared_channels > 1:
         raise IngestError(
-            f"{path}: 4D image with {n} volumes, but dataset.json declares {declared} channels"
+            f"{path}: 4D image with {n_volumes} volumes, but dataset.json declares {declared_channels} channels"
             + ("" if allowed > 1 else " as separate files (CASE_0000, CASE_0001, ...)")
         )
     raise IngestError(
-        f"{path}: 4D image with {n} volumes (a time series, or several images in one file); split it "
+        f"{path}: 4D image with {n_volumes} volumes (a time series, or several images in one file); split it "
         "into 3D files, or declare its volumes as channels in an MSD dataset.json"
     )
 

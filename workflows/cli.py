@@ -39,7 +39,7 @@ class MedsegArgumentParser(argparse.ArgumentParser):
     are required: --model", which hides the typo. Subparsers inherit this class.
     """
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         if not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
             self._refuse_unknown_options(sys.argv[1:] if args is None else list(args))
         return super().parse_known_args(args, namespace)
@@ -110,7 +110,7 @@ class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def add_text(self, text: str | None) -> None:
         if text == _CONFIG_FIELDS:
-            from workflows.train import config_help
+            from workflows.train_config import config_help
 
             text = config_help()
         super().add_text(text)
@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--overlap", type=_overlap, default=0.5, metavar="F",
                    help=f"sliding-window overlap, 0 to {MAX_OVERLAP} (default: %(default)s)")
-    p.add_argument("--save-probabilities", action="store_true", help="also write probabilities.nii.gz")
+    from pipeline.writers import optional_writers  # light: writers import their libraries when writing
+
+    for writer in optional_writers():  # an optional output's flag comes with its writer
+        p.add_argument(writer.flag, action="store_true", help=writer.help)
     p.add_argument("--experiment", default="medseg-predict", help="MLflow experiment name")
     p.add_argument("--qc-sample", type=_non_negative_int, default=None, metavar="N",
                    help="log at most N QC pictures to MLflow (default: all)")
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole loop on generated data: ingest, train, register, predict, evaluate")
     p.add_argument("--out", default="demo_output", help="demo folder (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per fold (default: a quick demo setting)")
+    p.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                   help="epochs per fold, >= 1 (default: a quick demo setting)")
     p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                    help="local Dask workers, >= 1 (default: %(default)s)")
     return parser
@@ -195,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
-    if args.command in ("ingest", "predict"):
+    if args.command in ("ingest", "predict", "demo"):  # the jobs that name DICOM cases (once each)
         _warn_if_public_salt(args.command)
     try:
         # Imported lazily so `medseg --help` is instant and a job's heavy imports load only when used.
@@ -309,7 +313,7 @@ def _quiet_libraries(verbose: bool) -> None:
     # own decoders are used instead, which is what we want, so the notice is only noise.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-    # The bundle's pyfunc predict takes a dict of arrays on purpose (see pipeline/bundle.py), so
+    # The bundle's pyfunc predict takes a dict of arrays on purpose (see pipeline/tracking_registry.py), so
     # MLflow's advice to add type hints, and its per-file download bars, are noise here.
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)

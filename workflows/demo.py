@@ -1,7 +1,8 @@
 """``medseg demo``: the product's main job end to end, on generated data, with no options.
 
-Every step runs through the real command line (``workflows.cli.main``), so the demo exercises
-exactly what a user types: generate a small synthetic hospital folder and an MSD training set ->
+Every step runs the same job function the command line runs (``run_ingest``, ``run_train``,
+``run_predict``, ``run_evaluate`` with the config its flags would build), so the demo exercises
+what a user types: generate a small synthetic hospital folder and an MSD training set ->
 ``medseg ingest`` -> ``medseg train`` (2 folds, brief) with ``--register`` -> ``medseg predict``
 of the hospital folder with ``models:/<name>@champion`` (DICOM in -> NIfTI + DICOM SEG + QC out) ->
 ``medseg evaluate`` -> a summary and the ``mlflow ui`` command to review it all.
@@ -15,13 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
 
+from pipeline.training.config import TrainConfig
+from preprocessing.plan import PlanConfig
 from preprocessing.synthetic import LABEL_NAMES, write_hospital_folder, write_msd_dataset
+from workflows.evaluate import EvaluateConfig, run_evaluate
+from workflows.exit_codes import EXIT_BAD_ARGS, EXIT_INTERRUPTED, EXIT_PARTIAL
+from workflows.ingest import IngestConfig, run_ingest
+from workflows.predict import PredictConfig, run_predict
+from workflows.train import CrossValidationJob, run_train
+from workflows.train_config import load_config_file
 
 DEMO_MODEL = "medseg-demo"
 DEMO_EPOCHS = 20
@@ -40,16 +52,50 @@ DEMO_TRAIN_CONFIG = {
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from workflows.cli import main as medseg
-
+    """Run the demo into ``args.out``; returns 0 (a failing step raises ``SystemExit`` naming it)."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     epochs = args.epochs or DEMO_EPOCHS
-    workers = str(args.workers)
     t0 = time.perf_counter()
 
     _step(1, "generating a synthetic hospital folder and an MSD training set")
+    hospital, truth, msd = _write_demo_data(out)
+    print(f"  hospital folder: {hospital}\n  training set:    {msd}")
+
+    _step(2, "medseg ingest (DICOM/NIfTI -> NIfTI + manifest)")
+    _run_step("ingest", run_ingest, IngestConfig(hospital, out / "ingested", args.workers), allowed=(0, 3))
+
+    _step(3, f"medseg train (2 folds x {epochs} epochs, register {DEMO_MODEL})")
+    _run_step("train", run_train, _train_job(out, msd, epochs))
+
+    _step(4, "medseg predict (batch on the local Dask cluster)")
+    predictions = out / "predictions"
+    predict = PredictConfig(
+        source=hospital,
+        model_uri=f"models:/{DEMO_MODEL}@champion",
+        out_dir=predictions,
+        labels_dir=truth,
+        device="cpu",
+        experiment="medseg-demo-predict",
+        workers=args.workers,
+    )
+    _run_step("predict", run_predict, predict, allowed=(0, 3))
+
+    _step(5, "medseg evaluate")
+    evaluate = EvaluateConfig(predictions, truth, out / "metrics.csv")
+    if _run_step("evaluate", run_evaluate, evaluate, allowed=(0, 3)) == EXIT_PARTIAL:
+        print(
+            "  (error rows are references without a prediction; here that is expected for the MR"
+            " series, which the CT model skips on purpose -- see predictions/cases.csv)"
+        )
+
+    _print_summary(out, predictions, time.perf_counter() - t0)
+    return 0
+
+
+def _write_demo_data(out: Path) -> tuple[Path, Path, Path]:
+    """The hospital folder, its ground truth and the MSD training set (kept when already there)."""
     hospital, truth, msd = out / "hospital", out / "hospital_truth", out / "msd_dataset"
     if not (hospital.is_dir() and truth.is_dir()):
         write_hospital_folder(hospital, seed=7, truth_dir=truth)
@@ -62,71 +108,42 @@ def demo_command(args: argparse.Namespace) -> int:
         )
     if not (msd / "dataset.json").is_file():
         write_msd_dataset(msd, n_train=8, n_test=2, seed=11)
-    print(f"  hospital folder: {hospital}\n  training set:    {msd}")
+    return hospital, truth, msd
 
-    _step(2, "medseg ingest (DICOM/NIfTI -> NIfTI + manifest)")
-    code = medseg(["ingest", str(hospital), "--out", str(out / "ingested"), "--workers", workers])
-    _check(code, "ingest", allowed=(0, 3))
 
-    _step(3, f"medseg train (2 folds x {epochs} epochs, register {DEMO_MODEL})")
+def _train_job(out: Path, msd: Path, epochs: int) -> CrossValidationJob:
+    """What ``medseg train --network attention_unet --folds 2 --register medseg-demo --config
+    demo_train.yaml --device cpu`` builds; the YAML is written so a user can rerun that command."""
     config_path = out / "demo_train.yaml"
     config_path.write_text(yaml.safe_dump(DEMO_TRAIN_CONFIG))
-    code = medseg(
-        [
-            "train",
-            "--data",
-            str(msd),
-            "--network",
-            "attention_unet",
-            "--folds",
-            "2",
-            "--epochs",
-            str(epochs),
-            "--register",
-            DEMO_MODEL,
-            "--experiment",
-            "medseg-demo-train",
-            "--config",
-            str(config_path),
-            "--out",
-            str(out / "training"),
-            "--device",
-            "cpu",
-        ]
+    plan, train, post = load_config_file(config_path, PlanConfig(), TrainConfig(epochs=epochs, device="cpu"))
+    return CrossValidationJob(
+        data=msd,
+        network="attention_unet",
+        num_folds=2,
+        folds=(0, 1),
+        work_dir=out / "training",
+        experiment="medseg-demo-train",
+        plan_config=plan,
+        train_config=train,
+        register=DEMO_MODEL,
+        postprocessing=post,
     )
-    _check(code, "train")
 
-    _step(4, "medseg predict (batch on the local Dask cluster)")
-    predictions = out / "predictions"
-    code = medseg(
-        [
-            "predict",
-            str(hospital),
-            "--model",
-            f"models:/{DEMO_MODEL}@champion",
-            "--out",
-            str(predictions),
-            "--labels",
-            str(truth),
-            "--workers",
-            workers,
-            "--experiment",
-            "medseg-demo-predict",
-            "--device",
-            "cpu",
-        ]
-    )
-    _check(code, "predict", allowed=(0, 3))
 
-    _step(5, "medseg evaluate")
-    code = medseg(["evaluate", str(predictions), str(truth), "--out", str(out / "metrics.csv")])
-    _check(code, "evaluate", allowed=(0, 3))
-    if code == 3:
-        print("  (error rows are references without a prediction; here that is expected for the MR"
-              " series, which the CT model skips on purpose -- see predictions/cases.csv)")
-
-    _print_summary(out, predictions, time.perf_counter() - t0)
-    return 0
+def _run_step(step: str, job: Callable[[Any], int], config: Any, allowed: tuple[int, ...] = (0,)) -> int:
+    """``job(config)`` with the command line's handling of bad input and Ctrl-C; stops the demo
+    (``SystemExit``) on an exit code outside ``allowed``, else returns it."""
+    try:
+        code = int(job(config))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"medseg {step}: error: {exc}", file=sys.stderr)
+        code = EXIT_BAD_ARGS
+    except KeyboardInterrupt:
+        print(f"medseg {step}: interrupted; rerun the same command to resume", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    _check(code, step, allowed)
+    return code
 
 
 def _step(number: int, text: str) -> None:

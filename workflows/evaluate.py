@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,10 @@ from tqdm import tqdm
 
 from pipeline.metrics import METRIC_NAMES, segmentation_metrics, summarize_metrics
 from preprocessing.atomic import write_text_atomic
+from preprocessing.errors import DatasetError
+from preprocessing.image import GRID_TOL_MM
+from preprocessing.image_files import NIFTI_SUFFIXES
+from preprocessing.msd import read_dataset_labels
 from preprocessing.resample import resample_to_grid
 from preprocessing.volume_io import read_volume
 from workflows.exit_codes import EXIT_OK, EXIT_PARTIAL
@@ -57,21 +62,45 @@ COLUMNS = (
 )
 #: Label name of the single row of a case whose masks are both empty, without a dataset.json.
 FOREGROUND = "foreground"
-_AFFINE_ATOL_MM = 1e-3
 _FULL_COVERAGE = 0.999
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``medseg evaluate`` was asked to do (built from CLI flags).
+
+    Attributes:
+        pred_dir: PRED, the predictions (``<case_id>.nii.gz`` or ``<case_id>/mask.nii.gz``).
+        gt_dir: GT, the ground truth (``<case_id>.nii.gz``; label names from a ``dataset.json``).
+        out: the metrics CSV to write; the summary goes beside it.
+        nsd_tolerance_mm: normalised surface distance tolerance, millimetres, > 0.
+    """
+
+    pred_dir: Path
+    gt_dir: Path
+    out: Path
+    nsd_tolerance_mm: float = 2.0
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
-    """Run ``medseg evaluate``; returns the exit code (0 ok, 3 some error rows)."""
-    pred_dir, gt_dir, out = Path(args.pred), Path(args.gt), Path(args.out)
-    tolerance = float(args.nsd_tolerance)
+    """CLI entry point: :func:`run_evaluate` of the flags; returns the exit code."""
+    config = EvaluateConfig(Path(args.pred), Path(args.gt), Path(args.out), float(args.nsd_tolerance))
+    return run_evaluate(config)
+
+
+def run_evaluate(config: EvaluateConfig) -> int:
+    """Score every case of PRED against GT; returns the exit code (0 ok, 3 some error rows).
+
+    Raises:
+        ValueError: (exit 2) before any case is read: PRED or GT not a folder, a tolerance that is
+            not a positive number, an unusable ``out``, no case on either side, a bad ``dataset.json``.
+    """
+    pred_dir, gt_dir, out, tolerance = config.pred_dir, config.gt_dir, config.out, config.nsd_tolerance_mm
     for name, folder in (("PRED", pred_dir), ("GT", gt_dir)):
         if not folder.is_dir():
             raise ValueError(f"{name} {folder} is not a folder")
     if not (tolerance > 0 and math.isfinite(tolerance)):
-        raise ValueError(
-            f"--nsd-tolerance must be a positive number of millimetres; got {args.nsd_tolerance}"
-        )
+        raise ValueError(f"--nsd-tolerance must be a positive number of millimetres; got {tolerance}")
     check_out_path(out)
     preds, gts = find_predictions(pred_dir), find_nifti_cases(gt_dir)
     if not preds and not gts:
@@ -111,10 +140,10 @@ def check_out_path(out: Path) -> None:
 
 def find_nifti_cases(folder: Path) -> dict[str, Path]:
     """``<case_id>.nii.gz`` / ``<case_id>.nii`` files directly in ``folder`` -> {case_id: path}."""
-    found = {}
+    found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and not path.name.startswith("."):
-            for suffix in (".nii.gz", ".nii"):
+            for suffix in NIFTI_SUFFIXES:
                 if path.name.endswith(suffix):
                     found.setdefault(path.name[: -len(suffix)], path)
     return found
@@ -133,27 +162,18 @@ def find_predictions(folder: Path) -> dict[str, Path]:
 def labels_from_dataset_json(gt_dir: Path) -> dict[int, str] | None:
     """Foreground labels from ``dataset.json`` in ``gt_dir`` or its parent, or None if there is none.
 
-    Accepts MSD's ``{"0": "background", "1": "liver"}`` and nnU-Net v2's ``{"background": 0, "liver": 1}``.
+    Accepts MSD's ``{"0": "background", "1": "liver"}`` and nnU-Net v2's ``{"background": 0, "liver": 1}``
+    (parsed by :func:`preprocessing.msd.read_dataset_labels`, the one ``dataset.json`` label parser).
     """
     for candidate in (gt_dir / "dataset.json", gt_dir.parent / "dataset.json"):
-        if not candidate.is_file():
-            continue
-        raw = json.loads(candidate.read_text(encoding="utf-8")).get("labels")
-        if not isinstance(raw, dict) or not raw:
-            raise ValueError(f"{candidate}: no 'labels' mapping")
-        labels = {}
-        for key, value in raw.items():
-            if str(key).lstrip("-").isdigit():
-                labels[int(key)] = str(value)
-            elif isinstance(value, int):  # nnU-Net v2 (region lists are not supported here)
-                labels[int(value)] = str(key)
-            else:
-                raise ValueError(
-                    f"{candidate}: label entry {key!r}: {value!r} is neither MSD nor nnU-Net v2 style"
-                )
-        labels.pop(0, None)
-        logger.info("labels from %s: %s", candidate, labels)
-        return labels
+        if candidate.is_file():
+            try:
+                labels = read_dataset_labels(candidate)
+            except DatasetError as exc:
+                raise ValueError(str(exc)) from exc  # the CLI exits 2 on ValueError
+            labels.pop(0, None)
+            logger.info("labels from %s: %s", candidate, labels)
+            return labels
     return None
 
 
@@ -174,7 +194,7 @@ def evaluate_case(
         # Undeclared values are looked for before resampling, which may drop some of them.
         notes = _undeclared_values(case_id, pred, gt, labels) if labels is not None else []
         same_grid = pred.shape == gt.shape and np.allclose(
-            pred_vol.affine_ras, gt_vol.affine_ras, atol=_AFFINE_ATOL_MM
+            pred_vol.affine_ras, gt_vol.affine_ras, atol=GRID_TOL_MM
         )
         if not same_grid:
             gt, note = _gt_on_prediction_grid(case_id, gt, gt_vol.affine_ras, pred.shape, pred_vol.affine_ras)

@@ -18,6 +18,7 @@ import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -25,15 +26,16 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from preprocessing.atomic import write_text_atomic
-from preprocessing.discovery import SourceItem, discover_sources
+from preprocessing.discovery import discover_sources
 from preprocessing.errors import IngestError
+from preprocessing.source_item import SourceItem
 from preprocessing.source_tree import printable_path, printable_text
 from preprocessing.volume_io import load_source_item, write_nifti_atomic
 from workflows.cluster import dask_client
+from workflows.exit_codes import EXIT_OK, EXIT_PARTIAL
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_PARTIAL = 0, 3
 MANIFEST_COLUMNS = [
     "case_id",
     "source",
@@ -211,7 +213,8 @@ def _existing_row(item: SourceItem, images_dir: Path) -> dict | None:
     if not target.exists():
         return None
     try:
-        header = nib.load(str(target)).header  # header only: the data block is not read
+        # Header only: the data block is not read. We wrote the file, so it is NIfTI-1.
+        header = cast(nib.Nifti1Header, nib.load(str(target)).header)
     except Exception:  # not written by us (we only rename complete files): redo it
         logger.warning("existing output %s is unreadable; ingesting it again", target)
         return None

@@ -1,8 +1,9 @@
 """``medseg predict``: batch segmentation of a scan folder on a Dask cluster.
 
 Flow: discover cases (headers only) -> skip finished cases (resume) -> one Dask task per case
-(``pipeline.case_runner.run_case``: read, segment, write mask / SEG / QC, metrics) -> ``cases.csv``
-and ``summary.json`` -> one MLflow run with the summary, the table and the QC pictures.
+(``pipeline.case_runner``: read, segment, the writers of ``pipeline.writers.WRITERS``, metrics)
+-> typed :class:`~pipeline.case_row.CaseRow` s -> ``cases.csv`` and ``summary.json`` -> one MLflow
+run with the summary, the table and the QC pictures.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +22,32 @@ from distributed import Client, as_completed
 from tqdm import tqdm
 
 from pipeline.bundle import ModelBundleError, bundle_fingerprint, load_bundle, resolve_bundle_dir
-from pipeline.case_runner import (
-    CaseConfig,
-    case_is_done,
-    clean_staging,
-    error_kind,
-    read_case,
-    read_case_record,
-    remove_empty_staging,
-    segment_case,
-    write_case,
-)
+from pipeline.case_folder import case_is_done, clean_staging, read_case_record, remove_empty_staging
+from pipeline.case_row import CaseRow, error_kind
+from pipeline.case_runner import CaseConfig, read_case, segment_case, write_case
 from pipeline.inference.config import inference_config_for
 from pipeline.metrics import json_ready, summarize_metrics
 from pipeline.tracking_batch import BatchRunInfo, log_batch_run
+from pipeline.writers import optional_writers
+from pipeline.writers.base import flag_dest
 from preprocessing.atomic import write_text_atomic
-from preprocessing.discovery import SourceItem, discover_sources
+from preprocessing.discovery import discover_sources
+from preprocessing.source_item import SourceItem
 from preprocessing.source_tree import printable_text
 from workflows.cluster import dask_client, gpu_count
+from workflows.exit_codes import EXIT_OK, EXIT_PARTIAL, EXIT_TRACKING_UNREACHABLE
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_BAD_ARGS, EXIT_PARTIAL, EXIT_TRACKING = 0, 2, 3, 4
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Everything ``medseg predict`` was asked to do (built from CLI flags)."""
+    """Everything ``medseg predict`` was asked to do (built from CLI flags).
+
+    ``outputs`` names the optional outputs to write besides mask, SEG and QC picture (the
+    ``name`` of a writer of :func:`pipeline.writers.optional_writers`, e.g. ``"probabilities"``
+    for ``--save-probabilities``).
+    """
 
     source: Path
     model_uri: str
@@ -56,7 +56,7 @@ class PredictConfig:
     tta: bool = False
     device: str = "cpu"
     overlap: float = 0.5
-    save_probabilities: bool = False
+    outputs: frozenset[str] = frozenset()
     experiment: str = "medseg-predict"
     qc_sample: int | None = None
     workers: int | None = 2
@@ -89,7 +89,7 @@ def _config_from_args(args: argparse.Namespace) -> PredictConfig:
         tta=args.tta,
         device=device,
         overlap=args.overlap,
-        save_probabilities=args.save_probabilities,
+        outputs=frozenset(w.name for w in optional_writers() if getattr(args, flag_dest(w), False)),
         experiment=args.experiment,
         qc_sample=args.qc_sample,
         workers=args.workers,
@@ -127,8 +127,8 @@ def run_predict(config: PredictConfig) -> int:
         rows = _run_cases(items, bundle_dir, bundle, config)
     finally:
         remove_empty_staging(out)
-    failed = sum(r["status"] == "error" for r in rows)
-    _write_tables(rows, bundle, out)
+    failed = sum(r.status == "error" for r in rows)
+    table, summary = _write_tables(rows, bundle, out)
     tracked = log_batch_run(
         BatchRunInfo(
             experiment=config.experiment,
@@ -138,6 +138,8 @@ def run_predict(config: PredictConfig) -> int:
             params=_loggable_params(config),
         ),
         out_dir=out,
+        cases=table,
+        summary=summary,
         qc_sample=config.qc_sample,
     )
     _print_summary(rows, out)
@@ -145,7 +147,7 @@ def run_predict(config: PredictConfig) -> int:
         print(f"{failed} case(s) failed; see the 'reason' column of {out / 'cases.csv'}")
         return EXIT_PARTIAL
     if not tracked:
-        return EXIT_TRACKING
+        return EXIT_TRACKING_UNREACHABLE
     return EXIT_OK
 
 
@@ -182,8 +184,8 @@ def _load_model(config: PredictConfig):  # noqa: ANN202 (bundle folder, ModelBun
     return bundle_dir, bundle
 
 
-def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[dict]:
-    rows: list[dict] = []
+def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[CaseRow]:
+    rows: list[CaseRow] = []
     todo: list[SourceItem] = []
     fingerprint = bundle_fingerprint(bundle_dir)
     for item in items:
@@ -220,7 +222,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
             bundle.plan, overlap=config.overlap, device=config.device, tta=config.tta
         ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
-        save_probabilities=config.save_probabilities,
+        outputs=config.outputs,
         torch_threads=torch_threads,
         model_fingerprint=fingerprint,
     )
@@ -235,7 +237,7 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         with tqdm(total=len(todo), desc="cases", unit="case") as bar:
             for row in run_case_tasks(client, todo, case_config, resources, in_flight):
                 rows.append(row)
-                failures += row["status"] == "error"
+                failures += row.status == "error"
                 bar.set_postfix(failed=failures)
                 bar.update(1)
     return rows
@@ -252,7 +254,7 @@ def run_case_tasks(
     resources: dict[str, float] | None,
     in_flight: int,
 ):
-    """Yield each case's row as it finishes; three Dask tasks per case: read -> segment -> write.
+    """Yield each case's :class:`CaseRow` as it finishes; three Dask tasks per case: read -> segment -> write.
 
     Only the segment task asks for the ``resources`` (the GPU), so Dask runs reads and writes of
     other cases on the worker's other threads meanwhile; the arrays pass between a case's tasks in
@@ -280,12 +282,10 @@ def run_case_tasks(
             yield future.result()
         except Exception as exc:  # the task's worker died or the task could not be run at all
             logger.debug("case %s: task failed", item.case_id, exc_info=True)
-            yield {
-                **_discovery_row(item),
-                "status": "error",
-                "reason": f"worker failure: {type(exc).__name__}: {exc}",
-                "reason_code": f"worker_failure:{error_kind(exc)}",
-            }
+            row = _discovery_row(item)
+            row.status, row.reason = "error", f"worker failure: {type(exc).__name__}: {exc}"
+            row.reason_code = f"worker_failure:{error_kind(exc)}"
+            yield row
         finally:
             future.release()
         nxt = next(pending, None)
@@ -293,32 +293,37 @@ def run_case_tasks(
             running.add(submit(nxt))
 
 
-def _discovery_row(item: SourceItem) -> dict:
-    return {
-        "case_id": item.case_id,
-        "source": str(item.paths[0]) if item.paths else "",
-        "kind": item.kind,
-        "status": item.status,
-        "reason": item.reason,
+def _discovery_row(item: SourceItem) -> CaseRow:
+    """The row of a case no model touched (a discovery verdict; a worker that died)."""
+    return CaseRow(
+        case_id=item.case_id,
+        source=str(item.paths[0]) if item.paths else "",
+        kind=item.kind,
+        status=item.status,
+        reason=item.reason,
         # Discovery's reasons quote paths; the code says only which kind of verdict it was.
-        "reason_code": f"discovery_{item.status}" if item.status != "ok" else "",
-        "seconds": 0.0,
-    }
+        reason_code=f"discovery_{item.status}" if item.status != "ok" else "",
+    )
 
 
-def _write_tables(rows: list[dict], bundle, out: Path) -> None:
+def _write_tables(rows: list[CaseRow], bundle, out: Path) -> tuple[pd.DataFrame, dict]:
     """``cases.csv`` and ``summary.json`` (strict JSON: ``null`` for undefined values).
 
     Text cells are made printable first: the surrogate-escaped bytes of a file name that is not
     UTF-8 are written as ``\\xNN``, so one odd name cannot cost the batch its tables.
+
+    Returns:
+        The table as written to ``cases.csv`` and the summary as written to ``summary.json``.
     """
     front = ["case_id", "source", "status", "reason", "seconds"]
-    table = pd.DataFrame(printable_rows(rows), columns=None if rows else front)
+    records = [row.to_record() for row in rows]  # the typed rows become columns here only
+    table = pd.DataFrame(printable_rows(records), columns=None if rows else front)
     rest = [c for c in table.columns if c not in front and c != "kind"]
     table = table.reindex(columns=front + rest).sort_values("case_id")
     write_text_atomic(out / "cases.csv", table.to_csv(index=False))
     summary = json_ready(_summary(rows, bundle))
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    return table, summary
 
 
 def printable_rows(rows: list[dict]) -> list[dict]:
@@ -326,46 +331,44 @@ def printable_rows(rows: list[dict]) -> list[dict]:
     return [{k: printable_text(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
 
 
-def _summary(rows: list[dict], bundle) -> dict:
+def _summary(rows: list[CaseRow], bundle) -> dict:
     """Case counts and per-label statistics of the metrics that were computed (none: no block)."""
     metric_rows = []
     for r in rows:
-        if r.get("status") != "ok":
+        if not r.ok:
             continue
         for name in bundle.label_names.values():
-            entry: dict = {"label": name}
-            # A key present in the row was measured (NaN: undefined, e.g. HD95 of an empty mask).
-            for metric, key in (("dice", "dice"), ("hd95", "hd95"), ("nsd", "nsd"), ("vol_pred_ml", "vol")):
-                column = f"{key}_{name}_ml" if key == "vol" else f"{key}_{name}"
-                if column in r:
-                    entry[metric] = r[column]
+            # What the row holds was measured (NaN: undefined, e.g. HD95 of an empty mask).
+            entry: dict = {"label": name, **(asdict(r.metrics[name]) if name in r.metrics else {})}
+            if name in r.volumes_ml:
+                entry["vol_pred_ml"] = r.volumes_ml[name]
             metric_rows.append(entry)
     counts: dict[str, int] = {}
     for r in rows:
-        counts[str(r.get("status", ""))] = counts.get(str(r.get("status", "")), 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     return {"cases": counts, "per_label": summarize_metrics(metric_rows) if metric_rows else {}}
 
 
 def _loggable_params(config: PredictConfig) -> dict:
-    """Run parameters safe for MLflow: no paths (they may hold patient names), no UIDs."""
+    """Run parameters safe for MLflow: no paths (they may hold patient names), no UIDs.
+
+    Each optional output is logged under its flag's name (``save_probabilities``: True/False).
+    """
     return {
         "tta": config.tta,
         "device": config.device,
         "overlap": config.overlap,
         "with_reference_labels": config.labels_dir is not None,
-        "save_probabilities": config.save_probabilities,
+        **{flag_dest(w): w.name in config.outputs for w in optional_writers()},
     }
 
 
-def _print_summary(rows: list[dict], out: Path) -> None:
-    table = pd.DataFrame(printable_rows(rows), columns=None if rows else ["status"])
-    counts = table["status"].value_counts().to_dict()
+def _print_summary(rows: list[CaseRow], out: Path) -> None:
+    counts = pd.Series([printable_text(r.status) for r in rows], dtype=object).value_counts().to_dict()
     print(f"cases: {counts}; outputs in {out}")
-    dice_cols = [c for c in table.columns if c.startswith("dice_")]
-    if dice_cols:
-        ok = table[table["status"] == "ok"]
-        for col in dice_cols:
-            values = ok[col].astype(float).to_numpy()
-            values = values[np.isfinite(values)]
-            if values.size:
-                print(f"  {col:<24} mean {values.mean():.3f}  (n={values.size})")
+    labels = list(dict.fromkeys(label for r in rows for label in r.metrics))
+    for label in labels:
+        values = np.array([r.metrics[label].dice for r in rows if r.ok and label in r.metrics], dtype=float)
+        values = values[np.isfinite(values)]
+        if values.size:
+            print(f"  {'dice_' + printable_text(label):<24} mean {values.mean():.3f}  (n={values.size})")

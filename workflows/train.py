@@ -6,20 +6,9 @@ Work folder (``--out``; default ``./medseg_work/<DATA folder name>`` under the c
     plan.json  splits.json  cv_state.json (MLflow run ids, for --resume)  cv_results.json
     cache/ (PersistentDataset, when cache: disk)   fold_0/ fold_1/ ... (see pipeline.training.trainer)
 
-The YAML of ``--config`` is parsed here and nowhere else. It is a flat mapping of
-:class:`~preprocessing.plan.PlanConfig` and :class:`~pipeline.training.trainer.TrainConfig` field names
-(optionally grouped under ``plan:`` and ``train:``; ``augment:`` is a nested mapping of
-:class:`~preprocessing.transforms.AugmentConfig`; ``postprocessing:`` forces the largest-component
-decision, see :mod:`pipeline.inference.postprocessing`), e.g.::
-
-    network_options: {channels: [8, 16, 32], strides: [1, 2, 2]}
-    optimizer: adamw
-    learning_rate: 0.003
-    val_every: 5
-    augment: {mirror: false}
-    postprocessing: {largest_component: {liver: true}}
-
-An unknown key at any level is an error naming the valid ones (exit code 2).
+The ``--config`` YAML is parsed in :mod:`workflows.train_config`; the folds run (in-process or on
+Dask) and are summarised in :mod:`workflows.train_folds`. :func:`run_train` is the whole job after the
+flags are read, for callers that build a :class:`CrossValidationJob` themselves (the demo).
 """
 
 from __future__ import annotations
@@ -29,21 +18,12 @@ import json
 import logging
 import os
 import sys
-import textwrap
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
-
 from pipeline.bundle import ModelBundleError
-from pipeline.inference.postprocessing import (
-    LARGEST_COMPONENT,
-    check_postprocessing_labels,
-    decide_largest_component,
-    parse_postprocessing_config,
-)
+from pipeline.inference.postprocessing import LARGEST_COMPONENT, check_postprocessing_labels
 from pipeline.tracking import (
     NullTracker,
     Tracker,
@@ -53,27 +33,29 @@ from pipeline.tracking import (
     end_runs_quietly,
     tracking_uri,
 )
+from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData
-from pipeline.training.trainer import FoldResult, TrainConfig, TrainingDivergedError, train_fold
+from pipeline.training.trainer import FoldResult, TrainingDivergedError
 from preprocessing.atomic import write_text_atomic
 from preprocessing.errors import DatasetError
+from preprocessing.fingerprint import fingerprint_dataset
 from preprocessing.msd import MsdDataset, read_msd_dataset
 from preprocessing.plan import (
     NetworkGeometry,
     Plan,
     PlanConfig,
-    fingerprint_dataset,
     make_plan,
     read_plan,
-    with_overrides,
     write_plan,
 )
 from preprocessing.splits import load_or_make_splits
-from preprocessing.transforms import AugmentConfig, case_to_item
+from preprocessing.transforms import case_to_item
+from workflows.exit_codes import EXIT_BAD_ARGS, EXIT_OK, EXIT_TRACKING_UNREACHABLE
+from workflows.train_config import load_config_file
+from workflows.train_folds import FoldTask, postprocessing_lines, run_fold_tasks, summarize_folds
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_BAD_ARGS, EXIT_TRACKING_UNREACHABLE = 0, 2, 4
 STATE = "cv_state.json"
 
 
@@ -95,113 +77,6 @@ class CrossValidationJob:
     parallel_folds: int | None = None
     # Forced post-processing from --config ({} = decide every label on the out-of-fold Dice).
     postprocessing: dict[str, Any] = field(default_factory=dict)
-
-
-SECTIONS = ("plan", "train", "postprocessing")
-
-
-def load_config_file(
-    path: str | Path | None, plan: PlanConfig, train: TrainConfig
-) -> tuple[PlanConfig, TrainConfig, dict[str, Any]]:
-    """Apply a YAML file's overrides. Returns the configs and the forced ``postprocessing``.
-
-    Keys may sit at the top level or under ``plan:`` / ``train:``; ``augment:`` and
-    ``postprocessing:`` are nested mappings. Per-label ``postprocessing`` names are checked
-    against the dataset later (:func:`~pipeline.inference.postprocessing.check_postprocessing_labels`).
-
-    Raises:
-        ValueError: unknown keys at any level, a section that is not a mapping, or a file that is
-            not a mapping (exit code 2 at the CLI); the message names the valid keys.
-    """
-    if path is None:
-        return plan, train, {}
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    plan_fields, train_fields = set(PlanConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(str(k) for k in raw if k not in plan_fields | train_fields | set(SECTIONS))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown settings {unknown}; valid keys: the sections {list(SECTIONS)}, "
-            f"plan settings {sorted(plan_fields)}, training settings {sorted(train_fields)}"
-        )
-    top = {k: v for k, v in raw.items() if k not in SECTIONS}
-    # A top-level key of both configs (``seed``) sets both; a section's key sets only its own.
-    plan_keys = {**{k: v for k, v in top.items() if k in plan_fields}, **_section(raw, "plan", plan_fields, path)}
-    flat = {**{k: v for k, v in top.items() if k in train_fields}, **_section(raw, "train", train_fields, path)}
-    post = parse_postprocessing_config(raw.get("postprocessing"), str(path))
-    if "augment" in flat:
-        augment_fields = set(AugmentConfig.__dataclass_fields__)
-        augment = flat["augment"] or {}
-        if not isinstance(augment, dict):
-            raise ValueError(f"{path}: 'augment' must be a mapping of {sorted(augment_fields)}")
-        bad = sorted(str(k) for k in set(augment) - augment_fields)
-        if bad:
-            raise ValueError(f"{path}: unknown augment settings {bad}; valid: {sorted(augment_fields)}")
-        flat["augment"] = replace(train.augment, **augment)
-    return with_overrides(plan, plan_keys), replace(train, **flat), post
-
-
-def _section(raw: dict[str, Any], name: str, valid: set[str], path: str | Path) -> dict[str, Any]:
-    """The ``plan:`` or ``train:`` mapping of a config, its keys checked against ``valid``."""
-    section = raw.get(name) or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: '{name}' must be a mapping of {name} settings {sorted(valid)}")
-    bad = sorted(str(k) for k in set(section) - valid)
-    if bad:
-        raise ValueError(f"{path}: unknown {name} settings {bad}; valid: {sorted(valid)}")
-    return dict(section)
-
-
-def config_help() -> str:
-    """Plain-text list of the ``--config`` keys (the epilog of ``medseg train --help``)."""
-    lines = [
-        "--config FILE is a YAML mapping; keys go at the top level or under 'plan:' / 'train:'.",
-        "Unknown keys at any level are an error (exit code 2).",
-    ]
-    for title, cls in (
-        ("plan settings", PlanConfig),
-        ("training settings", TrainConfig),
-        ("augment: {...} settings", AugmentConfig),
-    ):
-        lines += ["", f"{title}:"] + [f"  {line}" for line in _field_lines(cls)]
-    lines += [
-        "",
-        "postprocessing: {...} settings:",
-        f"  {LARGEST_COMPONENT}: true | false | {{LABEL: true|false, ...}}",
-        "      force keeping only the largest connected component, for every label or per label",
-        "      name; default: decided per label on the out-of-fold Dice of the cross-validation",
-        "      (on only where it raises that label's Dice), recorded in the bundle's bundle.json",
-    ]
-    return "\n".join(lines)
-
-
-def _field_lines(cls: type) -> list[str]:
-    """``name (default: x): description`` per dataclass field; descriptions from the docstring."""
-    described: dict[str, str] = {}
-    current: list[str] = []
-    for line in (cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines():
-        head, sep, text = line.strip().partition(": ")
-        names = [n.strip() for n in head.replace(",", "/").split("/")]
-        if sep and len(line) - len(line.lstrip()) <= 8 and all(n.isidentifier() for n in names):
-            current = [n for n in names if n not in described]
-            for n in current:
-                described[n] = text.strip()
-        elif line.strip() and current:  # continuation of the entry above
-            for n in current:
-                described[n] += " " + line.strip()
-    out = []
-    for f in fields(cls):
-        if f.name == "augment":
-            default = "see augment settings"
-        elif f.default is not MISSING:
-            default = repr(f.default)
-        else:
-            default = repr(f.default_factory()) if f.default_factory is not MISSING else "required"
-        desc = described.get(f.name, "").replace("``", "")
-        text = f"{f.name} (default: {default})" + (f": {desc}" if desc else "")
-        out += textwrap.wrap(text, width=96, subsequent_indent="    ")
-    return out
 
 
 def build_job(args: argparse.Namespace) -> CrossValidationJob:
@@ -262,13 +137,22 @@ def default_work_dir(data: Path) -> Path:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Entry point of ``medseg train``.
+    """Entry point of ``medseg train``: :func:`run_train` of the job the flags describe.
 
-    Exit codes: 0 ok; 2 bad arguments or dataset (checked before any training: unreadable or
-    truncated files, NaN/Inf voxels, bad labels, too few cases for the folds) or a fold whose loss
-    or weights became NaN/Inf (nothing is registered; the MLflow runs end FAILED); 4 MLflow unreachable.
+    Raises:
+        ValueError, FileNotFoundError: bad arguments (exit code 2 at the CLI).
     """
-    job = build_job(args)
+    return run_train(build_job(args))
+
+
+def run_train(job: CrossValidationJob) -> int:
+    """Read and check the dataset, run the job's cross-validation, register. Returns the exit code.
+
+    Exit codes: 0 ok; 2 bad dataset (checked before any training: unreadable or truncated files,
+    NaN/Inf voxels, bad labels, too few cases for the folds, post-processing labels not in the
+    dataset) or a fold whose loss or weights became NaN/Inf (nothing is registered; the MLflow runs
+    end FAILED); 4 MLflow unreachable (results in the work folder, not logged).
+    """
     print(f"medseg train: work folder {job.work_dir.resolve()}", flush=True)
     try:
         dataset = read_msd_dataset(job.data)
@@ -276,7 +160,11 @@ def train_command(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"medseg train: dataset error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
-    check_postprocessing_labels(job.postprocessing, dataset.foreground_labels.values())  # ValueError: exit 2
+    try:
+        check_postprocessing_labels(job.postprocessing, dataset.foreground_labels.values())
+    except ValueError as exc:  # the message the CLI prints for any bad argument
+        print(f"medseg train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGS
     try:
         return run_cross_validation(job, dataset)
     except DatasetError as exc:
@@ -321,7 +209,10 @@ def prepare_plan(job: CrossValidationJob, dataset: MsdDataset) -> Plan:
         return read_plan(path)
     config = job.plan_config
     geometry = network_geometry(job.network, config.network_options)
-    plan = make_plan(fingerprint_dataset(dataset, config), job.network, config, geometry)
+    fingerprint = fingerprint_dataset(
+        dataset, foreground_samples_per_case=config.foreground_samples_per_case, seed=config.seed
+    )
+    plan = make_plan(fingerprint, job.network, config, geometry)
     write_plan(plan, path)
     return plan
 
@@ -384,7 +275,7 @@ def _run_cross_validation(job: CrossValidationJob, dataset: MsdDataset, runs: li
     for line in postprocessing_lines(summary):
         print(line)
     if job.register:
-        _register(job, plan, results, summary, parent)
+        _register(job.register, job.work_dir, plan, results, summary, parent)
     parent.end()
     if problem:
         print(
@@ -442,7 +333,9 @@ def _run_params(job: CrossValidationJob, plan: Plan) -> dict[str, Any]:
         "fingerprint_sha256": plan.fingerprint_sha256,
         "code_version": code_version(),
         "postprocessing": {
-            LARGEST_COMPONENT: job.postprocessing.get(LARGEST_COMPONENT, "decided per label on out-of-fold Dice")
+            LARGEST_COMPONENT: job.postprocessing.get(
+                LARGEST_COMPONENT, "decided per label on out-of-fold Dice"
+            )
         },
     }
 
@@ -456,112 +349,16 @@ def _train_folds(
         )
         for d in folds
     ]
-    if job.scheduler or (job.parallel_folds and job.parallel_folds > 1 and len(tasks) > 1):
-        return _train_folds_dask(job, tasks)
-    return [run_fold_task(t) for t in tasks]
-
-
-@dataclass(frozen=True)
-class FoldTask:
-    """One fold as a picklable unit of work (a Dask task)."""
-
-    data: FoldData
-    plan: Plan
-    config: TrainConfig
-    work_dir: str
-    tracker: Tracker
-    resume: bool
-
-
-def run_fold_task(task: FoldTask) -> FoldResult:
-    """Train one fold (top-level so Dask workers can import it); ends the fold's run."""
-    try:
-        result = train_fold(task.data, task.plan, task.config, task.work_dir, task.tracker, task.resume)
-    except BaseException as exc:  # FAILED for an error, KILLED for Ctrl-C
-        end_runs_quietly([task.tracker], end_run_status(exc))
-        raise
-    task.tracker.end()
-    return result
-
-
-def _train_folds_dask(job: CrossValidationJob, tasks: list[FoldTask]) -> list[FoldResult]:
-    from workflows.cluster import dask_client
-
-    gpu = job.train_config.device.startswith("cuda")
-    resources = {"GPU": 1} if gpu else None
-    workers = job.parallel_folds or len(tasks)
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    tasks = [
-        replace(t, config=replace(t.config, torch_threads=t.config.torch_threads or threads)) for t in tasks
-    ]
-    with dask_client(workers, job.scheduler, resources=resources) as client:
-        futures = [
-            client.submit(
-                run_fold_task,
-                t,
-                key=f"medseg-train-fold-{t.data.fold}-{os.getpid()}",
-                pure=False,
-                resources=resources,
-            )
-            for t in tasks
-        ]
-        return list(client.gather(futures))
-
-
-def summarize_folds(
-    results: list[FoldResult], plan: Plan, postprocessing: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Cross-validation summary and the per-label post-processing decision.
-
-    Keys: ``cv_mean_dice``, ``cv_std_dice``, ``cv_dice_<label>`` (means over folds); per label the
-    mean out-of-fold Dice ``oof_dice_<label>`` and ``oof_dice_largest_component_<label>`` and the
-    decision ``largest_component_<label>`` (1.0 on, 0.0 off); ``postprocessing`` (what goes into
-    ``bundle.json``, see :mod:`pipeline.inference.postprocessing`); ``folds`` (per-fold rows).
-
-    Args:
-        results: the folds' outcomes (their ``oof_dice`` pooled over folds).
-        plan: supplies the label names.
-        postprocessing: forced settings of ``--config`` (``CrossValidationJob.postprocessing``).
-    """
-    dice = np.array([r.best_dice for r in results], dtype=np.float64)
-    out: dict[str, Any] = {"cv_mean_dice": float(dice.mean()), "cv_std_dice": float(dice.std())}
-    names = [v for k, v in sorted(plan.labels.items()) if k != 0]
-    for name in names:
-        values = [r.per_label.get(name, np.nan) for r in results]
-        out[f"cv_dice_{name}"] = float(np.nanmean(values))
-    oof = {f"fold{r.fold}/{case}": d for r in results for case, d in r.oof_dice.items()}
-    decisions = decide_largest_component(oof, names, (postprocessing or {}).get(LARGEST_COMPONENT))
-    for name, d in decisions.items():
-        if d["oof_cases"]:
-            out[f"oof_dice_{name}"] = float(d["oof_dice_without"])
-            out[f"oof_dice_largest_component_{name}"] = float(d["oof_dice_with"])
-        out[f"largest_component_{name}"] = 1.0 if d["apply"] else 0.0
-    out["postprocessing"] = {LARGEST_COMPONENT: decisions}
-    out["folds"] = [asdict(r) for r in results]
-    return out
-
-
-def postprocessing_lines(summary: dict[str, Any]) -> list[str]:
-    """One printable line per label: the largest-component decision and its out-of-fold Dice."""
-    lines = []
-    for name, d in summary["postprocessing"][LARGEST_COMPONENT].items():
-        state = "on" if d["apply"] else "off"
-        if d["oof_cases"]:
-            dice = (
-                f"out-of-fold Dice {d['oof_dice_without']:.4f} without, {d['oof_dice_with']:.4f} with "
-                f"({d['oof_cases']} cases)"
-            )
-        else:
-            dice = "no out-of-fold cases"
-        why = {"oof": "", "forced": ", forced by --config", "default": ", default"}[d["decided_by"]]
-        lines.append(f"largest component {name}: {state}{why}; {dice}")
-    return lines
+    return run_fold_tasks(tasks, job.scheduler, job.parallel_folds)
 
 
 def _register(
-    job: CrossValidationJob, plan: Plan, results: list[FoldResult], summary: dict, parent: Tracker
+    name: str, work_dir: Path, plan: Plan, results: list[FoldResult], summary: dict, parent: Tracker
 ) -> None:
-    from pipeline.bundle import bundle_from_checkpoints, register_bundle
+    """Bundle the folds' best checkpoints and register them as ``name`` (saved in the work folder
+    instead when MLflow is unreachable)."""
+    from pipeline.bundle import bundle_from_checkpoints, save_bundle
+    from pipeline.tracking_registry import register_bundle
 
     bundle = bundle_from_checkpoints(
         plan,
@@ -570,14 +367,10 @@ def _register(
         cv_mean_dice=summary["cv_mean_dice"],
     )
     if isinstance(parent, NullTracker):
-        path = job.work_dir / "bundle"
-        from pipeline.bundle import save_bundle
-
+        path = work_dir / "bundle"
         save_bundle(bundle, path)
         print(f"MLflow unreachable: model bundle saved to {path}, not registered")
         return
-    info = register_bundle(bundle, parent, job.register, summary["cv_mean_dice"])
+    info = register_bundle(bundle, parent, name, summary["cv_mean_dice"])
     status = "now champion" if info.is_champion else f"champion stays version {info.champion_version}"
-    print(
-        f"registered {job.register} version {info.version} (cv_mean_dice {summary['cv_mean_dice']:.4f}); {status}"
-    )
+    print(f"registered {name} version {info.version} (cv_mean_dice {summary['cv_mean_dice']:.4f}); {status}")

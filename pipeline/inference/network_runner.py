@@ -1,11 +1,8 @@
-"""Speed levers of the sliding-window engine: how windows reach the network and how it runs.
+"""How the network runs over window batches: :class:`NetworkRunner` and :func:`prepare_network`.
 
-Kept apart from :mod:`pipeline.inference.sliding_window` (the blending logic) so each lever can be read,
-switched and tested on its own. Nothing here changes results beyond float tolerance:
+Used by :mod:`pipeline.inference.sliding_window` (the blending); windows reach it through
+:mod:`pipeline.inference.window_feeder`. Nothing here changes results beyond float tolerance:
 
-- :class:`WindowFeeder` gathers window batches into a reused buffer, either from an image that
-  was moved to the device once, or (image too big for the device) from the host through pinned
-  double buffers copied on a side stream while the previous batch computes.
 - :func:`prepare_network` makes an inference copy of a network: eval-mode BatchNorm folded into
   the preceding convolution (one kernel less per conv, as TensorRT/ONNX Runtime do) and/or the
   ``channels_last_3d`` memory format. The caller's module is never modified; the copy is cached
@@ -17,29 +14,29 @@ switched and tested on its own. Nothing here changes results beyond float tolera
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from pipeline.inference.config import InferenceConfig
 
 logger = logging.getLogger(__name__)
 
-Entry = tuple[int, tuple[int, int, int]]  # (batch index, window start (x, y, z))
 
+class RecentModulesCache:
+    """One value per module for the ``max_modules`` most recently used modules.
 
-class ModuleCache:
-    """A small per-module cache that outlives one sweep (the predictor calls the engine once per
-    case; training validation once per epoch) but does not pin many networks in memory.
-
-    Values may hold the module strongly (a compiled module does), so a WeakKeyDictionary would
-    never drop them; instead the cache keeps the ``max_modules`` most recently used modules.
+    Outlives one sweep (the Segmenter calls the engine once per case; training validation once per
+    epoch) but does not pin many networks in memory. Values may hold the module strongly (a
+    compiled module does), so a ``WeakKeyDictionary`` would never drop them; hence the bound.
     """
 
     def __init__(self, max_modules: int = 8) -> None:
@@ -60,11 +57,15 @@ class ModuleCache:
             self._entries.popitem(last=False)
 
 
-_COMPILED = ModuleCache()  # module -> {(backend, mode): _CompiledForward}
-_GRAPHS = ModuleCache()  # module -> _GraphedForward
-# module -> (weights signature, optimised copy or None for "run the module itself"); the copy
-# never references the original, so weak keys are enough here.
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = weakref.WeakKeyDictionary()
+#: module -> {(compile backend, compile mode): _CompiledForward}
+_COMPILED_FORWARDS = RecentModulesCache()
+#: module -> _CudaGraphForward (wrapping that module's eager or compiled forward)
+_CUDA_GRAPH_FORWARDS = RecentModulesCache()
+#: caller's module -> (weights signature and options, its inference copy, or None for "run the
+#: module itself"); the copy never references the original, so weak keys are enough here.
+_INFERENCE_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def first_output(y: Any) -> torch.Tensor:
@@ -90,7 +91,7 @@ def prepare_network(net: nn.Module, *, fold_batchnorm: bool, channels_last: bool
     if not (fold_batchnorm or channels_last):
         return net
     key = (_weights_signature(net), fold_batchnorm, channels_last)
-    cached = _PREPARED.get(net)
+    cached = _INFERENCE_COPIES.get(net)
     if cached is not None and cached[0] == key:
         return net if cached[1] is None else cached[1]
     prepared = fold_batchnorm_into_convs(net) if fold_batchnorm else net
@@ -99,153 +100,62 @@ def prepare_network(net: nn.Module, *, fold_batchnorm: bool, channels_last: bool
         # Module.to accepts memory_format at run time; torch's typed overloads leave it out.
         prepared.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     prepared.eval()
-    _PREPARED[net] = (key, None if prepared is net else prepared)
+    _INFERENCE_COPIES[net] = (key, None if prepared is net else prepared)
     return prepared
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _count_batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, _BATCHNORMS) for m in net.modules())
 
 
 def fold_batchnorm_into_convs(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with every eval-mode BatchNorm fed only by a convolution folded into it.
 
-    Traces with ``torch.fx``; returns ``net`` itself when it cannot be traced or has nothing to
-    fold. Why hand-written: torch ships the per-pair fusion (``fuse_conv_bn_eval``) but no pass
-    over a whole traced model outside the quantization tooling.
-    """
-    from torch.fx import symbolic_trace
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    torch's pass does it (``torch.fx.experimental.optimization.fuse``: an fx trace, then
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval`` per ``Conv{1,2,3}d -> BatchNorm`` pair whose
+    convolution feeds nothing else). Returns ``net`` itself when there is nothing to fold or
+    ``net`` cannot be traced.
 
-    if not any(isinstance(m, _BNS) for m in net.modules()):
+    Why torch's whole-model pass rather than ``fuse_conv_bn_eval`` per pair: finding the pairs
+    needs the data flow (a module tree does not say which conv feeds which norm), i.e. a trace,
+    which is what ``fuse`` does. Checked in torch 2.13 on the registry's networks with
+    ``norm="batch"``: ``unet`` (MONAI DynUNet) traces and every BatchNorm folds; the residual
+    U-Nets (data-dependent control flow), ``swin_unetr`` and ``unetr`` cannot be fx-traced and run
+    unfused (as with the former hand-written fx pass, which needed the same trace). By default
+    they use InstanceNorm, which has nothing to fold. torch's pass does not fold
+    ``ConvTranspose -> BatchNorm`` (MONAI's ``AttentionUnet`` has two such pairs, in its
+    up-convolutions): those stay BatchNorm layers, with the same result.
+    """
+    n_batchnorms = _count_batchnorms(net)
+    if not n_batchnorms:
         return net
     try:
-        traced = symbolic_trace(copy.deepcopy(net).eval())
+        # One deep copy in eval mode (fuse_conv_bn_eval needs eval), then fused in place.
+        folded = fuse(copy.deepcopy(net).eval(), inplace=True)
     except Exception as exc:  # noqa: BLE001 - untraceable Python control flow: run unfused
-        logger.info("BatchNorm folding skipped: %s cannot be traced (%s)", type(net).__name__, exc)
+        logger.debug("BatchNorm folding skipped: %s cannot be fx-traced (%s)", type(net).__name__, exc)
         return net
-    modules = dict(traced.named_modules())
-    folded = 0
-    for node in list(traced.graph.nodes):
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, _BNS) or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        src: Any = node.args[0] if node.args else None  # an fx Node when it is a call_module (checked below)
-        conv = modules.get(src.target) if getattr(src, "op", None) == "call_module" else None
-        if not isinstance(conv, _CONVS) or len(src.users) != 1:
-            continue
-        fused = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
-        parent, _, name = src.target.rpartition(".")
-        setattr(traced.get_submodule(parent) if parent else traced, name, fused)
-        node.replace_all_uses_with(src)
-        traced.graph.erase_node(node)
-        folded += 1
-    if not folded:
+    left = _count_batchnorms(folded)
+    if left == n_batchnorms:
         return net
-    traced.graph.lint()
-    traced.recompile()
-    traced.delete_all_unused_submodules()
-    logger.debug("folded %d BatchNorm layers of %s", folded, type(net).__name__)
-    return traced
+    logger.debug(
+        "folded %d of %d BatchNorm layers of %s", n_batchnorms - left, n_batchnorms, type(net).__name__
+    )
+    return folded
 
 
-class WindowFeeder:
-    """Iterates ``(entries, windows)``: windows ``(n, C, *roi)`` on ``device`` for each batch.
-
-    Args:
-        image: ``(B, C, X, Y, Z)`` tensor (host or device).
-        batches: per network call, the ``(batch index, start)`` of each window.
-        roi: window size.
-        device: where the network runs.
-        stream: keep the image on the host and gather windows there (pinned + side-stream
-            prefetch on CUDA); else move the image to ``device`` once.
-        fixed_batch: always yield ``sw_batch_size`` windows (the tail of the last batch repeats
-            stale windows whose outputs are ignored), so compiled/graphed shapes never change.
-        channels_last: allocate window buffers in ``channels_last_3d``.
-    """
-
-    def __init__(
-        self,
-        image: torch.Tensor,
-        batches: list[list[Entry]],
-        roi: Sequence[int],
-        device: torch.device,
-        *,
-        stream: bool = False,
-        fixed_batch: bool = False,
-        channels_last: bool = False,
-    ) -> None:
-        self.batches, self.roi, self.device = batches, tuple(roi), device
-        self.stream, self.fixed = stream, fixed_batch
-        self.fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        self.image = image if stream else image.to(device)
-        self.width = max(len(b) for b in batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def _buffer(self, device: torch.device, pin: bool = False) -> torch.Tensor:
-        shape = (self.width, self.image.shape[1], *self.roi)
-        buf = torch.zeros(shape, dtype=self.image.dtype, device=device).contiguous(memory_format=self.fmt)
-        return buf.pin_memory() if pin else buf
-
-    def _gather(self, entries: list[Entry], buf: torch.Tensor) -> torch.Tensor:
-        for i, (b, s) in enumerate(entries):
-            index: tuple[int | slice, ...] = (
-                b,
-                slice(None),
-                *(slice(a, a + r) for a, r in zip(s, self.roi, strict=True)),
-            )
-            buf[i].copy_(self.image[index])
-        return buf if self.fixed else buf[: len(entries)]
-
-    def __iter__(self) -> Iterator[tuple[list[Entry], torch.Tensor]]:
-        if self.stream and self.device.type == "cuda":
-            yield from self._prefetching()
-            return
-        if self.stream:
-            host = self._buffer(torch.device("cpu"))
-            for entries in self.batches:
-                yield entries, self._gather(entries, host).to(self.device)
-            return
-        buf = self._buffer(self.device)
-        for entries in self.batches:
-            yield entries, self._gather(entries, buf)
-
-    def _prefetching(self) -> Iterator[tuple[list[Entry], torch.Tensor]]:
-        """Double-buffered: batch i+1 is gathered on the host and copied while batch i runs."""
-        copy_stream = torch.cuda.Stream(self.device)
-        host = [self._buffer(torch.device("cpu"), pin=True) for _ in range(2)]
-        dev = [self._buffer(self.device) for _ in range(2)]
-        copied: list[torch.cuda.Event | None] = [None, None]
-        used: list[torch.cuda.Event | None] = [None, None]
-
-        def issue(i: int) -> None:
-            slot = i % 2
-            done_copy, done_use = copied[slot], used[slot]
-            if done_copy is not None:
-                done_copy.synchronize()  # the pinned buffer is free again
-            self._gather(self.batches[i], host[slot])
-            with torch.cuda.stream(copy_stream):
-                if done_use is not None:
-                    copy_stream.wait_event(done_use)  # the device buffer was consumed
-                dev[slot].copy_(host[slot], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(copy_stream)
-                copied[slot] = event
-
-        issue(0)
-        for i, entries in enumerate(self.batches):
-            if i + 1 < len(self.batches):
-                issue(i + 1)
-            slot = i % 2
-            ready = copied[slot]
-            assert ready is not None  # issue(i) recorded it
-            torch.cuda.current_stream(self.device).wait_event(ready)
-            yield entries, dev[slot] if self.fixed else dev[slot][: len(entries)]
-            consumed = torch.cuda.Event()
-            consumed.record(torch.cuda.current_stream(self.device))
-            used[slot] = consumed
+def network_autocast(cfg: InferenceConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context the network calls of a sweep run in (``cfg.amp`` on CUDA, ``cfg.amp_on_cpu``)."""
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    if device.type == "cuda" and cfg.amp:
+        # The weight-cast cache cannot live across CUDA graph replays.
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=not cfg.cuda_graphs)
+    if device.type == "cpu" and cfg.amp_on_cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class NetworkRunner:
@@ -265,26 +175,27 @@ class NetworkRunner:
     ) -> None:
         self.mirrors = list(mirrors)
         self.max_batch = cfg.max_network_batch
-        self.forwards = [self._prepare(net, cfg, device) for net in networks]
+        self.forwards = [self._forward_for(net, cfg, device) for net in networks]
 
     @staticmethod
-    def _prepare(net: nn.Module, cfg: InferenceConfig, device: torch.device) -> Callable:
+    def _forward_for(net: nn.Module, cfg: InferenceConfig, device: torch.device) -> Callable:
+        """The callable to run for ``net``: its inference copy, compiled and/or graphed as ``cfg`` says."""
         net = prepare_network(net, fold_batchnorm=cfg.fold_batchnorm, channels_last=cfg.channels_last)
         fwd: Callable = net
         if cfg.compile:
-            per_net = _COMPILED.get(net)
+            per_net = _COMPILED_FORWARDS.get(net)
             if per_net is None:
                 per_net = {}
-                _COMPILED.set(net, per_net)
+                _COMPILED_FORWARDS.set(net, per_net)
             key = (cfg.compile_backend, cfg.compile_mode)
             if key not in per_net:
                 per_net[key] = _CompiledForward(net, cfg.compile_backend, cfg.compile_mode)
             fwd = per_net[key]
         if cfg.cuda_graphs and device.type == "cuda":
-            graphed = _GRAPHS.get(net)
+            graphed = _CUDA_GRAPH_FORWARDS.get(net)
             if graphed is None or graphed.fn is not fwd:
-                graphed = _GraphedForward(fwd)
-                _GRAPHS.set(net, graphed)
+                graphed = _CudaGraphForward(fwd)
+                _CUDA_GRAPH_FORWARDS.set(net, graphed)
             fwd = graphed
         return fwd
 
@@ -329,16 +240,16 @@ class _CompiledForward:
     def __init__(self, net: nn.Module, backend: str, mode: str | None) -> None:
         self.net = net
         self.compiled = torch.compile(net, backend=backend, mode=mode, dynamic=False)
-        self.status: dict[tuple, bool] = {}  # signature -> compiled call worked
+        self.compile_worked: dict[tuple, bool] = {}  # input signature -> the compiled call worked
 
     @staticmethod
-    def signature(x: torch.Tensor) -> tuple:
+    def input_signature(x: torch.Tensor) -> tuple:
         amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         return (tuple(x.shape), x.dtype, x.device.type, tuple(x.stride()), amp)
 
     def __call__(self, x: torch.Tensor) -> Any:
-        key = self.signature(x)
-        ok = self.status.get(key)
+        key = self.input_signature(x)
+        ok = self.compile_worked.get(key)
         if ok is False:
             return self.net(x)
         if ok is None:
@@ -346,22 +257,26 @@ class _CompiledForward:
                 y = self.compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure must fall back
                 logger.warning("torch.compile failed for input %s (%s); running eager", key[0], exc)
-                self.status[key] = False
+                self.compile_worked[key] = False
                 return self.net(x)
-            self.status[key] = True
+            self.compile_worked[key] = True
             return y
         return self.compiled(x)
 
 
-class _GraphedForward:
-    """CUDA-graph replay of a forward per input signature; eager when capture fails."""
+class _CudaGraphForward:
+    """CUDA-graph replay of a forward per input signature; eager when capture fails.
+
+    Why not ``torch.cuda.make_graphed_callables``: it captures forward and backward for autograd
+    and raises on a capture failure; inference needs no backward and must fall back to eager.
+    """
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = _CompiledForward.signature(x)
+        key = _CompiledForward.input_signature(x)
         if key not in self.graphs:
             self.graphs[key] = self._capture(x)
         entry = self.graphs[key]

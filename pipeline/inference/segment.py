@@ -13,7 +13,7 @@ caller ever holds K full-resolution channels twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.inference.config import InferenceConfig
+from pipeline.inference.member_output import MemberOutput
 from pipeline.inference.postprocessing import keep_largest_component, largest_component_values
 from pipeline.inference.sliding_window import predict_probabilities
 from preprocessing.image import Volume
@@ -100,18 +101,29 @@ class Segmenter:
         foreground = {k: v for k, v in plan.labels.items() if k != 0}
         self.largest_component_labels = largest_component_values(postprocessing, foreground)
 
-    def __call__(self, volume: Volume, *, keep_probabilities: bool = False) -> Segmentation:
+    def __call__(
+        self,
+        volume: Volume,
+        *,
+        keep_probabilities: bool = False,
+        on_member: Callable[[MemberOutput], None] | None = None,
+    ) -> Segmentation:
         """Segment ``volume`` (``(C, X, Y, Z)``, any orientation and spacing).
 
         Args:
             volume: the image with its RAS affine.
             keep_probabilities: also return the ensemble probabilities (network grid, CPU).
+            on_member: called once per ensemble member (folds x TTA mirrors, fold-major) with
+                its probabilities on the network grid (:class:`MemberOutput`). The members are
+                then run one at a time (per-member accumulators such as an ensemble variance
+                stay the caller's few tensors); labels and probabilities are still the members'
+                mean, equal to the batched ensemble to float tolerance.
 
         Raises:
             NonFiniteProbabilitiesError: the model produced NaN or infinity.
         """
         image, net_affine = preprocess_for_inference(volume, self.plan, device=self.config.device)
-        probs = predict_probabilities(image, self.networks, self.config)
+        probs = predict_probabilities(image, self.networks, self.config, on_member=on_member)
         if not bool(torch.isfinite(probs).all()):  # argmax of NaN is background: never an "ok" mask
             raise NonFiniteProbabilitiesError(
                 f"the model's probabilities for {volume.case_id or 'this image'} contain NaN or infinity "

@@ -16,20 +16,21 @@ tolerance. Why not call MONAI directly: the product's GPU target (320^3, roi 128
 - pinned-memory, side-stream H2D prefetch of the next windows when the image stays on the host;
 - host stitching (accumulator in CPU memory) when the output would not fit the GPU.
 
-How windows reach the network and how it runs (feeder, compile, graphs, BatchNorm folding)
-lives in :mod:`pipeline.inference.network_runner`; this module holds the blending.
+How windows reach the network lives in :mod:`pipeline.inference.window_feeder`, how it runs
+(compile, CUDA graphs, BatchNorm folding) in :mod:`pipeline.inference.network_runner`; this
+module holds the window grid, the blending and the averaging over ensemble members.
 
 Arrays are ``(B, C, X, Y, Z)``: batch, channel, then voxel axes ``i, j, k`` of the image affine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ from monai.data.utils import compute_importance_map
 from torch import nn
 
 from pipeline.inference.config import InferenceConfig
-from pipeline.inference.network_runner import NetworkRunner, WindowFeeder
+from pipeline.inference.member_output import MemberOutput
+from pipeline.inference.network_runner import NetworkRunner, network_autocast
+from pipeline.inference.window_feeder import WindowFeeder, WindowPosition
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,11 @@ def sliding_window_logits(image: torch.Tensor, network: nn.Module, config: Infer
 
 
 def predict_probabilities(
-    image: torch.Tensor, networks: Sequence[nn.Module], config: InferenceConfig
+    image: torch.Tensor,
+    networks: Sequence[nn.Module],
+    config: InferenceConfig,
+    *,
+    on_member: Callable[[MemberOutput], None] | None = None,
 ) -> torch.Tensor:
     """Class probabilities averaged over a fold ensemble and (with ``config.tta``) 8 mirrorings.
 
@@ -84,6 +91,10 @@ def predict_probabilities(
         image: ``(C, X, Y, Z)`` float tensor (already resampled and normalised for the network).
         networks: one or more networks with the same output classes ``K``.
         config: see :class:`InferenceConfig`.
+        on_member: called with each pass (ensemble member: fold x mirror) as soon as its
+            probabilities are done. The passes are then swept one at a time (the memory-budget
+            path), so no K-channel tensor per member is held by the engine; the result is the
+            same mean (to float tolerance; bit for bit that of the per-pass path).
 
     Returns:
         ``(K, X, Y, Z)`` float32 probabilities summing to 1 over ``K``, on ``config.device``
@@ -96,20 +107,40 @@ def predict_probabilities(
     mirrors: list[tuple[int, ...]] = list(MIRROR_AXES) if config.tta else [()]
     n_passes = len(networks) * len(mirrors)
     with _eval_mode(networks), torch.no_grad():
-        if n_passes == 1 or config.batch_passes:
+        if on_member is None and (n_passes == 1 or config.batch_passes):
             try:
                 sweep = _Sweep(image[None], list(networks), mirrors, config, side_by_side=n_passes > 1)
                 return sweep.run(n_passes).finish_mean_softmax()[0]
             except _PassesDoNotFit:
                 pass
-        logger.info("accumulating %d passes one sweep at a time (memory budget)", n_passes)
-        total: torch.Tensor | None = None
-        for net in networks:
-            for mirror in mirrors:
-                probs = _Sweep(image[None], [net], [mirror], config).run(1).finish_mean_softmax()[0]
-                total = probs if total is None else total.add_(probs.to(total.device))
-        assert total is not None
-        return total.div_(n_passes)
+        if on_member is None:
+            logger.info("accumulating %d passes one sweep at a time (memory budget)", n_passes)
+        return _mean_over_passes(image, list(networks), mirrors, config, on_member)
+
+
+def _mean_over_passes(
+    image: torch.Tensor,
+    networks: list[nn.Module],
+    mirrors: list[tuple[int, ...]],
+    config: InferenceConfig,
+    on_member: Callable[[MemberOutput], None] | None,
+) -> torch.Tensor:
+    """Mean probabilities ``(K, X, Y, Z)`` over passes, one sweep per pass; each handed to ``on_member``."""
+    total: torch.Tensor | None = None
+    member = 0
+    for fold, net in enumerate(networks):
+        for mirror in mirrors:
+            probs = _Sweep(image[None], [net], [mirror], config).run(1).finish_mean_softmax()[0]
+            if on_member is not None:
+                # Engine mirrors are axes of a (N, C, X, Y, Z) batch; members name spatial axes.
+                on_member(MemberOutput(member, fold, tuple(a - 2 for a in mirror), probs))
+            member += 1
+            if total is None:
+                total = probs if on_member is None else probs.clone()  # a hook may keep ``probs``
+            else:
+                total.add_(probs.to(total.device))
+    assert total is not None
+    return total.div_(len(networks) * len(mirrors))
 
 
 class _PassesDoNotFit(Exception):
@@ -156,18 +187,16 @@ def _window(start: Sequence[int], roi: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
 
 
-class _eval_mode:
+@contextlib.contextmanager
+def _eval_mode(networks: Sequence[nn.Module]) -> Iterator[None]:
     """Put networks in eval mode for the call and restore their previous mode afterwards."""
-
-    def __init__(self, networks: Sequence[nn.Module]) -> None:
-        self.networks, self.modes = list(networks), [n.training for n in networks]
-
-    def __enter__(self) -> None:
-        for n in self.networks:
-            n.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for n, mode in zip(self.networks, self.modes, strict=True):
+    modes = [n.training for n in networks]
+    for n in networks:
+        n.eval()
+    try:
+        yield
+    finally:
+        for n, mode in zip(networks, modes, strict=True):
             n.train(mode)
 
 
@@ -242,9 +271,9 @@ class _Sweep:
             fixed_batch=cfg.compile or cfg.cuda_graphs,
             channels_last=cfg.channels_last,
         )
-        with _autocast(cfg, self.device):
-            for entries, windows in _progress(feeder, cfg.progress, len(batches)):
-                acc.add(entries, runner(windows))
+        with network_autocast(cfg, self.device):
+            for positions, windows in _progress(feeder, cfg.progress, len(batches)):
+                acc.add(positions, runner(windows))
         return acc
 
     def _image_fits_device(self) -> bool:
@@ -291,8 +320,8 @@ class _Accumulator:
         self.importance = importance.to(s.acc_dtype)
         self.importance_dev = importance.to(s.device)  # for weighting before a host copy
 
-    def add(self, entries: list[tuple[int, tuple[int, int, int]]], outputs: list[torch.Tensor]) -> None:
-        """Add weighted window outputs: ``outputs[p]`` is ``(n >= len(entries), K, *roi)``."""
+    def add(self, positions: list[WindowPosition], outputs: list[torch.Tensor]) -> None:
+        """Add weighted window outputs: ``outputs[p]`` is ``(n >= len(positions), K, *roi)``."""
         if self.out is None:
             self._allocate(int(outputs[0].shape[1]))
         assert self.out is not None
@@ -300,8 +329,8 @@ class _Accumulator:
         for p, out in enumerate(outputs):
             if self.host:
                 # Weight on the compute device, one D2H copy per pass and batch, add on the host.
-                out = (out[: len(entries)].float() * self.importance_dev).to("cpu", self.out.dtype)
-            for i, (b, start) in enumerate(entries):
+                out = (out[: len(positions)].float() * self.importance_dev).to("cpu", self.out.dtype)
+            for i, (b, start) in enumerate(positions):
                 index: tuple[int | slice, ...] = (b, slice(p * k, (p + 1) * k), *_window(start, roi))
                 region = self.out[index]
                 if self.host:
@@ -333,16 +362,6 @@ class _Accumulator:
         return probs.div_(self.n_passes) if self.n_passes > 1 else probs
 
 
-def _autocast(cfg: InferenceConfig, device: torch.device):  # noqa: ANN202 - a context manager
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    if device.type == "cuda" and cfg.amp:
-        # The weight-cast cache cannot live across CUDA graph replays.
-        return torch.autocast("cuda", dtype=dtype, cache_enabled=not cfg.cuda_graphs)
-    if device.type == "cpu" and cfg.amp_on_cpu:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def _progress(feeder: WindowFeeder, show: bool, total: int) -> Iterator:
     if not show:
         return iter(feeder)
@@ -356,12 +375,3 @@ def _host_ram_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 8 * 2**30
-
-
-__all__: list[str] = [
-    "MIRROR_AXES",
-    "InferenceConfig",
-    "predict_probabilities",
-    "sliding_window_logits",
-    "window_starts",
-]

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 
+from pipeline.training.config import TrainConfig
 from pipeline.training.validation import ValidationCase
 from preprocessing.plan import Plan
 from preprocessing.transforms import train_transforms, val_transforms
-
-if TYPE_CHECKING:
-    from pipeline.training.trainer import TrainConfig
 
 
 @dataclass(frozen=True)

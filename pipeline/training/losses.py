@@ -1,13 +1,28 @@
-"""Dice + cross-entropy with nnU-Net's deep-supervision weighting."""
+"""Dice + cross-entropy with nnU-Net's deep-supervision weighting, on MONAI's ``DeepSupervisionLoss``.
+
+MONAI's ``monai.losses.DeepSupervisionLoss`` does the level loop: it resizes the labels to each
+output's grid and sums the weighted per-level losses. Two things it does not do are kept here:
+
+* **nnU-Net's weights** (:func:`deep_supervision_weights`): halve per level, drop the coarsest
+  level, normalise to sum 1. MONAI's ``"exp"`` mode halves but neither drops nor normalises, so the
+  weights are passed explicitly; they depend on the number of outputs, which only the first batch
+  tells (:func:`supervised_loss` builds one MONAI loss per level count and caches it).
+* **The zero-weight coarsest level is not passed to MONAI**, which would compute it and multiply by
+  0: that head would then get zero gradients instead of none, so weight decay and the optimiser's
+  moments would start moving its weights (they did not before).
+
+The labels are resized with ``"nearest"`` (index ``floor(i * in/out)``: coarse voxel ``i`` takes
+fine voxel ``2i``, the centre of a stride-2 convolution with padding 1) instead of MONAI's default
+``"nearest-exact"`` (fine voxel ``2i + 1``, half a coarse voxel off our networks' grids).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceCELoss
-from torch import nn
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 
 def deep_supervision_weights(levels: int) -> list[float]:
@@ -24,46 +39,37 @@ def deep_supervision_weights(levels: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def downsample_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a label map ``(B, 1, X, Y, Z)`` to ``shape`` (no label mixing)."""
-    if tuple(labels.shape[2:]) == tuple(shape):
-        return labels
-    return F.interpolate(labels.float(), size=tuple(shape), mode="nearest").to(labels.dtype)
+def dice_ce_loss(include_background: bool = False) -> DiceCELoss:
+    """The per-level loss: soft Dice (over the batch, foreground only by default, as nnU-Net's
+    ``do_bg=False``) plus cross-entropy over every class, both weighted 1."""
+    return DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True, batch=True)
 
 
-class DeepSupervisionLoss(nn.Module):
-    """Weighted sum of Dice+CE over deep-supervision outputs.
+@cache
+def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
+    """MONAI's deep-supervision loss over ``levels`` outputs with nnU-Net's weights (the zero-weight
+    coarsest level removed). Cached: the loss holds no state, and the level count is fixed per network."""
+    supervised = max(1, levels - 1)
+    loss = DeepSupervisionLoss(dice_ce_loss(), weights=deep_supervision_weights(levels)[:supervised])
+    loss.interp_mode = "nearest"  # see the module docstring: aligned with our strided convolutions
+    return loss
+
+
+def supervised_loss(outputs: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Dice+CE of a network's training output, weighted over deep-supervision levels.
 
     Args:
-        include_background: count background in the Dice term (default False, like nnU-Net's
-            ``do_bg=False``; cross-entropy still sees every class).
-        lambda_dice / lambda_ce: term weights.
+        outputs: logits ``(B, K, X, Y, Z)`` or the deep-supervision list of them (full resolution
+            first, then each coarser decoder level at its own grid; see :mod:`networks`).
+        labels: ``(B, 1, X, Y, Z)`` integer-valued labels at full resolution (any dtype; resized
+            as float, which ``F.interpolate`` needs).
 
-    Call with ``outputs``: logits ``(B, K, X, Y, Z)`` or a list of them (full resolution first),
-    and ``labels``: ``(B, 1, X, Y, Z)`` integer labels at full resolution. Returns a scalar.
+    Returns:
+        Scalar float32 loss.
     """
-
-    def __init__(
-        self, include_background: bool = False, lambda_dice: float = 1.0, lambda_ce: float = 1.0
-    ) -> None:
-        super().__init__()
-        self.base = DiceCELoss(
-            include_background=include_background,
-            to_onehot_y=True,
-            softmax=True,
-            batch=True,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-        )
-
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            return self.base(outputs.float(), labels)
-        weights = deep_supervision_weights(len(outputs))
-        total = outputs[0].new_zeros((), dtype=torch.float32)
-        for weight, logits in zip(weights, outputs, strict=True):
-            if weight > 0:
-                total = total + weight * self.base(
-                    logits.float(), downsample_labels(labels, logits.shape[2:])
-                )
-        return total
+    target = labels.float()
+    if isinstance(outputs, torch.Tensor):
+        return deep_supervision_loss(1)(outputs, target)
+    levels = len(outputs)
+    kept = list(outputs[: max(1, levels - 1)])  # the coarsest level's weight is 0 (nnU-Net)
+    return deep_supervision_loss(levels)(kept, target)

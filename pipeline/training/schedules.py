@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from pipeline.training.config import TrainConfig
+
 
 class PolyDecay:
     """nnU-Net's poly schedule factor ``(1 - epoch / epochs) ** exponent`` for ``LambdaLR``.
@@ -23,8 +25,13 @@ class PolyDecay:
         return (1.0 - min(epoch, self.epochs - 1) / self.epochs) ** self.exponent
 
 
-class Constant:
-    """Constant schedule factor (a class for the same state-dict reason as :class:`PolyDecay`)."""
+class ConstantFactor:
+    """Schedule factor 1 at every epoch: the learning rate stays constant.
+
+    A class for the same state-dict reason as :class:`PolyDecay`. Checkpoints hold only the
+    factor's ``__dict__`` (``LambdaLR.state_dict``), never its class name, so renaming these
+    classes does not break resuming from an older checkpoint.
+    """
 
     epochs = 0
 
@@ -32,7 +39,7 @@ class Constant:
         return 1.0
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (nnU-Net) or AdamW, from ``config.optimizer``."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -47,12 +54,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: Any) -> torch.o
     raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {config.optimizer!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch ``LambdaLR`` with :class:`PolyDecay` or :class:`Constant`."""
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch ``LambdaLR`` with :class:`PolyDecay` or :class:`ConstantFactor`."""
     if config.lr_schedule == "poly":
         factor: Any = PolyDecay(config.epochs)
     elif config.lr_schedule == "constant":
-        factor = Constant()
+        factor = ConstantFactor()
     else:
         raise ValueError(f"lr_schedule must be 'poly' or 'constant'; got {config.lr_schedule!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

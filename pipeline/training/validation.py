@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from pipeline.inference.config import InferenceConfig
 from pipeline.inference.postprocessing import OofDice, keep_largest_component
 from pipeline.inference.sliding_window import predict_probabilities
+from pipeline.training.checkpoint import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,22 @@ def validate(
     per_label = {name: float(np.mean([d[name] for d in per_case.values()])) for name in labels.values()}
     mean = float(np.mean(list(per_label.values()))) if per_label else math.nan
     return ValidationResult(mean, per_label, per_case, first, oof)
+
+
+def out_of_fold_dice(
+    model: nn.Module,
+    best: Path,
+    cases: Sequence[ValidationCase],
+    labels: Mapping[int, str],
+    inference: InferenceConfig,
+) -> OofDice:
+    """The best checkpoint's Dice on the fold's validation cases, without and with largest component.
+
+    One more pass of the validation engine with the best weights (the epoch loop's model holds
+    the last epoch's): the out-of-fold predictions on which ``medseg train`` decides the
+    post-processing per label. Loads the best weights into ``model``.
+    """
+    if not cases or not best.is_file():
+        return {}
+    model.load_state_dict(load_checkpoint(best, map_location=inference.device)["model"])
+    return validate(model, cases, labels, inference, largest_component=True).oof_dice

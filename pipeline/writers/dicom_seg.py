@@ -1,15 +1,17 @@
-"""DICOM Segmentation (SEG) objects for a predicted label map, built with highdicom.
+"""``seg.dcm``: a DICOM Segmentation (SEG) object of the label map, built with highdicom.
 
 Grid convention (the one trap here): the mask comes in the series' own grid exactly as
 ``preprocessing.dicom.series.read_dicom_series`` produces ``Volume.array[0]``: index
-``(i, j, k)`` = (column, row, slice), slices sorted by ``IPP . n`` ascending, where ``n`` is the
-slice normal ``r x c`` from ``ImageOrientationPatient``. highdicom pairs frame ``f`` of its pixel
-array with source image ``f`` (or frame ``f`` of one multi-frame source), in the order we pass
-them, and wants frames as ``(rows, columns)``. So we sort the sources the same way the reader does
-and hand highdicom ``mask[:, :, k].T`` for source ``k``.
+``(i, j, k)`` = (column, row, slice). The reader decided the slice order once and recorded it in
+``Volume.dicom`` (:class:`~preprocessing.image.DicomSource`): ``headers[k]`` is the header of
+slice ``k`` (single-frame series) or ``frame_of_slice[k]`` the frame of slice ``k`` in the one
+multi-frame object. highdicom pairs frame ``f`` of its pixel array with source image ``f`` (or
+frame ``f`` of one multi-frame source), in the order we pass them, and wants frames as
+``(rows, columns)``; so source frame ``frame_of_slice[k]`` gets ``mask[:, :, k].T``.
 
 The SEG copies the patient, study and Frame of Reference modules of the sources (highdicom does
-this); it is a hospital-side output and never goes to MLflow.
+this); it is a hospital-side output and never goes to MLflow. highdicom and pydicom are imported
+in the functions that use them (see :mod:`pipeline.writers.base`).
 """
 
 from __future__ import annotations
@@ -18,54 +20,84 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import highdicom as hd
 import numpy as np
-import pydicom
-from pydicom.sr.codedict import codes
 
+from pipeline.writers.base import SegmentedCase
 from preprocessing.atomic import atomic_path
 from preprocessing.errors import GeometryError
+from preprocessing.image import DicomSource
+
+if TYPE_CHECKING:
+    import highdicom as hd
 
 logger = logging.getLogger(__name__)
 
-# SNOMED CT codes for the label names we know; anything else is described as generic "Tissue" /
-# "Organ" (a reader still gets the name from SegmentLabel).
+# SNOMED CT concept names (attributes of pydicom's ``codes.SCT``) for the label names we know;
+# anything else is described as generic "Tissue" / "Organ" (a reader still gets the name from
+# SegmentLabel).
 _ANATOMY = {
-    name: getattr(codes.SCT, name.capitalize())
+    name: name.capitalize()
     for name in ("liver", "kidney", "spleen", "pancreas", "heart", "lung", "prostate", "brain", "hippocampus")
 }
 _ABNORMAL = {
-    "lesion": codes.SCT.Lesion,
-    "tumor": codes.SCT.Neoplasm,
-    "tumour": codes.SCT.Neoplasm,
-    "neoplasm": codes.SCT.Neoplasm,
-    "mass": codes.SCT.Mass,
-    "edema": codes.SCT.Edema,
-    "oedema": codes.SCT.Edema,
-    "necrosis": codes.SCT.Necrosis,
+    "lesion": "Lesion",
+    "tumor": "Neoplasm",
+    "tumour": "Neoplasm",
+    "neoplasm": "Neoplasm",
+    "mass": "Mass",
+    "edema": "Edema",
+    "oedema": "Edema",
+    "necrosis": "Necrosis",
 }
-_ORIENTATION_TOL = 1e-4
+
+
+class DicomSegWriter:
+    """A DICOM SEG referencing the source series, for DICOM sources only."""
+
+    name = "dicom_seg"
+    title = "DICOM SEG"
+    filename = "seg.dcm"
+    optional = False
+    flag = ""
+    help = ""
+    needs_probabilities = False
+    fails_case = True
+
+    def applies_to(self, case: SegmentedCase) -> bool:
+        return case.item.kind == "dicom"
+
+    def write(self, case: SegmentedCase, path: Path) -> Path:
+        if case.volume.dicom is None:
+            raise GeometryError(f"case {case.item.case_id}: the image was read without its DICOM source")
+        return write_dicom_seg(
+            case.segmentation.labels,
+            case.volume.dicom,
+            case.label_names,
+            path,
+            algorithm_name=case.model_name or "medseg",
+            algorithm_version=case.model_version,
+        )
 
 
 def write_dicom_seg(
     mask: np.ndarray,
-    source_paths: Sequence[str | Path],
+    source: DicomSource,
     label_names: Mapping[int, str],
     out_path: str | Path,
     algorithm_name: str = "medseg",
     algorithm_version: str = "0.1.0",
     series_number: int = 9001,
     segmentation_type: str = "BINARY",
-    source_headers: Sequence[pydicom.Dataset] | None = None,
 ) -> Path:
     """Write a DICOM SEG of ``mask`` referencing the source series, atomically.
 
     Args:
-        mask: label map ``(X, Y, Z)`` = (columns, rows, slices sorted by ``IPP . n``), integer values;
-            the grid of ``read_dicom_series(source_paths)``.
-        source_paths: the series' files: single-frame images of one series, or exactly one
-            enhanced multi-frame image.
+        mask: label map ``(X, Y, Z)`` = (columns, rows, slices in the reader's order), integer
+            values; the grid of ``read_dicom_series(...)`` whose ``.dicom`` is ``source``.
+        source: the volume's DICOM files and parsed headers in slice order (``Volume.dicom``):
+            single-frame images of one series, or exactly one enhanced multi-frame image.
         label_names: label value -> name; one segment per entry, numbered 1..N in ascending label
             value (segment number = rank, so sparse label values stay valid). Other values are ignored.
         out_path: destination file (``.dcm``).
@@ -74,44 +106,83 @@ def write_dicom_seg(
         series_number: SeriesNumber of the new SEG series.
         segmentation_type: "BINARY" (default: widest viewer support, passes dciodvfy) or
             "LABELMAP" (newer Label Map SEG IOD; the dicom3tools we test with predate it).
-        source_headers: the parsed headers of ``source_paths`` (any order, pixel data not needed),
-            e.g. ``read_dicom_series(...).meta["headers"]``; saves parsing every file again
-            (about a second for a 400-slice series). Read from ``source_paths`` when omitted.
 
     Returns:
         ``out_path`` as a Path.
 
     Raises:
-        GeometryError: if the mask does not fit the sources' grid or the sources are not one stack.
-        ValueError: if ``label_names`` is empty or ``source_paths`` is empty.
+        GeometryError: if the mask does not fit the sources' grid.
+        ValueError: if ``label_names`` is empty or ``source`` holds no files.
     """
     if not label_names:
         raise ValueError("label_names is empty: a SEG needs at least one segment")
-    if not source_paths:
-        raise ValueError("source_paths is empty: a SEG must reference its source images")
+    if not source.files:
+        raise ValueError("the DICOM source holds no files: a SEG must reference its source images")
     mask = np.asarray(mask)
+    _check_grid(mask, source)
+    values = sorted(int(v) for v in label_names)
+    stacked = _segment_frames(mask, source, values)
+    descriptions = _segment_descriptions(values, label_names, algorithm_name, algorithm_version)
+    seg = _segmentation(
+        source, stacked, descriptions, algorithm_name, algorithm_version, series_number, segmentation_type
+    )
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    logger.info("wrote DICOM SEG with %d segment(s), %d frame(s)", len(values), int(seg.NumberOfFrames))
+    return out
+
+
+def _check_grid(mask: np.ndarray, source: DicomSource) -> None:
+    """Refuse a mask that is not ``(columns, rows, slices)`` of the source grid."""
     if mask.ndim != 3:
         raise GeometryError(f"mask must be (X, Y, Z); got shape {mask.shape}")
-    sources, frames_in_slice_order = _sorted_sources(source_paths, source_headers)
-    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
-    if mask.shape != (cols, rows, len(frames_in_slice_order)):
+    first = source.headers[0]
+    grid = (int(first.Columns), int(first.Rows), len(source.frame_of_slice))
+    if mask.shape != grid:
         raise GeometryError(
-            f"mask shape {mask.shape} does not match the series grid (columns, rows, slices) = "
-            f"{(cols, rows, len(frames_in_slice_order))}"
+            f"mask shape {mask.shape} does not match the series grid (columns, rows, slices) = {grid}"
         )
-    values = sorted(int(v) for v in label_names)
-    # highdicom takes a (frames, rows, cols) array of segment numbers 1..N (0 = none); frame f of
-    # the SEG belongs to source frame f, which holds mask slice k with frames_in_slice_order[k] == f.
-    # Built in one vectorised step: a per-segment one-hot loop costs seconds on a 512x512x400 scan.
+    frames = int(getattr(first, "NumberOfFrames", 1) or 1) if source.multiframe else len(source.files)
+    if sorted(source.frame_of_slice) != list(range(frames)):
+        raise GeometryError(
+            f"the source's slice order {source.frame_of_slice[:8]}... is not one slice per frame of "
+            f"its {frames} frame(s)"
+        )
+
+
+def _segment_frames(mask: np.ndarray, source: DicomSource, values: Sequence[int]) -> np.ndarray:
+    """``uint8 (frames, rows, cols)`` of segment numbers 1..N (0 = none) in the sources' frame order.
+
+    Frame ``f`` of the SEG belongs to source frame ``f``, which holds mask slice ``k`` with
+    ``frame_of_slice[k] == f``. Built in one vectorised step: a per-segment one-hot loop costs
+    seconds on a 512x512x400 scan.
+    """
     lut = np.zeros(max(max(values), int(mask.max(initial=0))) + 1, dtype=np.uint8)
-    lut[values] = np.arange(1, len(values) + 1, dtype=np.uint8)
-    stacked = np.empty((len(frames_in_slice_order), rows, cols), dtype=np.uint8)
-    stacked[np.asarray(frames_in_slice_order)] = lut[mask.transpose(2, 1, 0)]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
+    lut[list(values)] = np.arange(1, len(values) + 1, dtype=np.uint8)
+    cols, rows, slices = mask.shape
+    stacked = np.empty((slices, rows, cols), dtype=np.uint8)
+    stacked[np.asarray(source.frame_of_slice)] = lut[mask.transpose(2, 1, 0)]
+    return stacked
+
+
+def _segmentation(
+    source: DicomSource,
+    stacked: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    algorithm_name: str,
+    algorithm_version: str,
+    series_number: int,
+    segmentation_type: str,
+) -> hd.seg.Segmentation:
+    """The highdicom SEG dataset of ``stacked`` ``(frames, rows, cols)`` segment numbers."""
+    import highdicom as hd
+
+    return hd.seg.Segmentation(
+        source_images=list(source.headers),
         pixel_array=stacked,
         segmentation_type=segmentation_type,
-        segment_descriptions=_segment_descriptions(values, label_names, algorithm_name, algorithm_version),
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=int(series_number),
         sop_instance_uid=hd.UID(),
@@ -124,78 +195,14 @@ def write_dicom_seg(
         # An all-background mask still makes a valid SEG (one that says "nothing found").
         omit_empty_frames=bool(stacked.any()),
     )
-    out = Path(out_path)
-    with atomic_path(out) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
-    logger.info("wrote DICOM SEG with %d segment(s), %d frame(s)", len(values), int(seg.NumberOfFrames))
-    return out
-
-
-def _sorted_sources(
-    paths: Sequence[str | Path], headers: Sequence[pydicom.Dataset] | None = None
-) -> tuple[list[pydicom.Dataset], list[int]]:
-    """Read source headers; return (datasets for highdicom, source frame index of each sorted slice).
-
-    Single-frame sources are returned sorted by ``IPP . n`` (so frame f is dataset f); a multi-frame
-    source keeps its own frame order and the second value maps slice k to its frame index.
-    """
-    if headers is not None and len(headers) != len(paths):
-        raise GeometryError(f"{len(headers)} source headers given for {len(paths)} source files")
-    datasets = (
-        list(headers) if headers is not None else [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    )
-    multi = [ds for ds in datasets if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1]
-    if multi:
-        if len(datasets) != 1:
-            raise GeometryError(
-                "a SEG can reference one multi-frame image or a series of single-frame images, "
-                f"got {len(datasets)} files of which {len(multi)} multi-frame"
-            )
-        ds = datasets[0]
-        positions, orientation = _multiframe_geometry(ds)
-        order = _slice_order(positions, orientation)
-        return [ds], order
-    orientations = [np.asarray(ds.ImageOrientationPatient, dtype=np.float64) for ds in datasets]
-    if any(np.abs(o - orientations[0]).max() > _ORIENTATION_TOL for o in orientations):
-        raise GeometryError("source images have different ImageOrientationPatient: not one stack")
-    positions = [np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in datasets]
-    order = _slice_order(positions, orientations[0])
-    return [datasets[f] for f in order], list(range(len(order)))
-
-
-def _slice_order(positions: Sequence[np.ndarray], orientation: np.ndarray) -> list[int]:
-    """Indices sorting the planes by ``IPP . n`` ascending, as the ingestion reader does."""
-    normal = np.cross(orientation[:3], orientation[3:])
-    key = [float(np.dot(p, normal)) for p in positions]
-    order = sorted(range(len(key)), key=key.__getitem__)
-    if len({round(key[i], 4) for i in order}) != len(order):
-        raise GeometryError("two source planes share a position along the slice normal (duplicates?)")
-    return order
-
-
-def _multiframe_geometry(ds: pydicom.Dataset) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-frame IPP and the (single) IOP of an enhanced multi-frame image."""
-    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
-    if per_frame is None:
-        raise GeometryError("multi-frame source without PerFrameFunctionalGroupsSequence is not supported")
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
-    positions, orientations = [], []
-    for item in per_frame:
-        positions.append(np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=np.float64))
-        holder = item if "PlaneOrientationSequence" in item else shared
-        if holder is None or "PlaneOrientationSequence" not in holder:
-            raise GeometryError("multi-frame source has no PlaneOrientationSequence")
-        orientations.append(
-            np.asarray(holder.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=np.float64)
-        )
-    if any(np.abs(o - orientations[0]).max() > _ORIENTATION_TOL for o in orientations):
-        raise GeometryError("multi-frame source frames have different orientations: not one stack")
-    return positions, orientations[0]
 
 
 def _segment_descriptions(
     values: Sequence[int], label_names: Mapping[int, str], algorithm_name: str, algorithm_version: str
 ) -> list[hd.seg.SegmentDescription]:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version
     )
@@ -218,11 +225,13 @@ def _segment_descriptions(
     return descriptions
 
 
-def _property_codes(name: str):
+def _property_codes(name: str) -> tuple[Any, Any]:
     """(category, type) SNOMED codes for a label name such as "liver" or "left_kidney"."""
+    from pydicom.sr.codedict import codes
+
     for token in re.split(r"[^a-z]+", name.lower()):
         if token in _ANATOMY:
-            return codes.SCT.AnatomicalStructure, _ANATOMY[token]
+            return codes.SCT.AnatomicalStructure, getattr(codes.SCT, _ANATOMY[token])
         if token in _ABNORMAL:
-            return codes.SCT.MorphologicallyAbnormalStructure, _ABNORMAL[token]
+            return codes.SCT.MorphologicallyAbnormalStructure, getattr(codes.SCT, _ABNORMAL[token])
     return codes.SCT.Tissue, codes.SCT.Organ

@@ -16,6 +16,7 @@ Display conventions (radiological, what a reviewer expects from a PACS viewer):
 
 Uses matplotlib's object API with the Agg canvas (not pyplot) so it is safe in Dask worker
 threads and keeps no global figure state. Contours use matplotlib ``contour`` (no scikit-image).
+matplotlib and nibabel are imported in the functions that draw (see :mod:`pipeline.writers.base`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from nibabel.orientations import apply_orientation, io_orientation
 
+from pipeline.writers.base import SegmentedCase
 from preprocessing.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +93,63 @@ def write_qc_picture(
     counts = _label_counts(ras_mask, label_names)
     centre = _focus(ras_mask, counts)
     colours = {v: LABEL_COLOURS[i % len(LABEL_COLOURS)] for i, v in enumerate(sorted(label_names))}
+    fig = _figure()
+    for ax, view in zip(fig.subplots(1, 3), _VIEWS, strict=True):
+        _draw_view(ax, view, ras_image, ras_mask, spacing, centre, colours, (lo, hi))
+    _draw_legend(fig, colours, label_names)
+    note = f"window {lo:.0f}..{hi:.0f}" + ("; oblique grid shown on nearest RAS axes" if oblique else "")
+    if not any(counts.values()):
+        note += "; NO LABELLED VOXELS"
+    fig.suptitle(f"{title}  ({note})" if title else note, color="white", fontsize=11)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.12, wspace=0.08)
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="black")
+    return out
+
+
+class QcPictureWriter:
+    """``qc.png`` of every case: a review aid, so its failure leaves the case ok with a note."""
+
+    name = "qc_picture"
+    title = "QC picture"
+    filename = "qc.png"
+    optional = False
+    flag = ""
+    help = ""
+    needs_probabilities = False
+    fails_case = False
+
+    def applies_to(self, case: SegmentedCase) -> bool:
+        return True
+
+    def write(self, case: SegmentedCase, path: Path) -> Path:
+        return write_qc_picture(
+            case.volume.array[0],
+            case.segmentation.labels,
+            case.volume.affine_ras,
+            case.label_names,
+            path,
+            # The pseudonymous case id and the model name only: no patient data in the picture.
+            title=f"{case.item.case_id} ({case.model_name or 'model'})",
+        )
+
+
+def _figure() -> Figure:
+    """A black figure on the Agg canvas (no pyplot: no global state, safe in worker threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, facecolor="black")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax, view in zip(axes, _VIEWS, strict=True):
-        _draw_view(ax, view, ras_image, ras_mask, spacing, centre, colours, (lo, hi))
+    return fig
+
+
+def _draw_legend(
+    fig: Figure, colours: Mapping[int, tuple[float, float, float]], label_names: Mapping[int, str]
+) -> None:
+    from matplotlib.patches import Patch
+
     handles = [
         Patch(facecolor=colours[v], edgecolor=colours[v], label=f"{v}: {label_names[v]}") for v in colours
     ]
@@ -109,19 +162,12 @@ def write_qc_picture(
             labelcolor="white",
             fontsize=10,
         )
-    note = f"window {lo:.0f}..{hi:.0f}" + ("; oblique grid shown on nearest RAS axes" if oblique else "")
-    if not any(counts.values()):
-        note += "; NO LABELLED VOXELS"
-    fig.suptitle(f"{title}  ({note})" if title else note, color="white", fontsize=11)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.12, wspace=0.08)
-    out = Path(out_path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, facecolor="black")
-    return out
 
 
 def _to_ras(image: np.ndarray, mask: np.ndarray, affine: np.ndarray):
     """Permute/flip both arrays to RAS axes; return them, the RAS spacing and whether it was oblique."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
     ornt = io_orientation(affine)  # (RAS axis, flip) of each array axis: as_closest_canonical does this
     ras_image = apply_orientation(image, ornt)
     ras_mask = apply_orientation(mask, ornt)

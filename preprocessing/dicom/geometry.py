@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from preprocessing.errors import GeometryError, IngestError
 
-_UNIT_TOL = 1e-3  # direction cosines written with ~6 decimals are unit/orthogonal to this tolerance
+_ORTHONORMAL_TOL = 1e-3  # direction cosines written with ~6 decimals are unit/orthogonal to this tolerance
 # Slices of one stack may differ in IOP / PixelSpacing by decimal-string rounding, no more.
 ORIENTATION_TOL = 1e-4
 SPACING_TOL_MM = 1e-4
@@ -100,26 +100,9 @@ def stack_geometry(
     """
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     iop = np.asarray(orientation, dtype=np.float64)
-    if not np.all(np.isfinite(positions)):
-        bad = positions[~np.all(np.isfinite(positions), axis=1)][0]
-        n_bad = int(np.sum(~np.all(np.isfinite(positions), axis=1)))
-        raise GeometryError(
-            f"ImagePositionPatient is not finite in {n_bad} slice(s) (e.g. {bad.tolist()}); "
-            "those slices cannot be placed in the world"
-        )
-    if not np.all(np.isfinite(iop)):
-        raise GeometryError(f"ImageOrientationPatient {iop.tolist()} is not finite")
+    _check_finite_plane(positions, iop)
     check_spacing_mm(pixel_spacing, "PixelSpacing")
-    row_cos, col_cos = iop[:3], iop[3:]
-    if (
-        abs(np.linalg.norm(row_cos) - 1) > _UNIT_TOL
-        or abs(np.linalg.norm(col_cos) - 1) > _UNIT_TOL
-        or abs(row_cos @ col_cos) > _UNIT_TOL
-    ):
-        raise GeometryError(
-            f"ImageOrientationPatient {iop.tolist()} is not two orthonormal direction cosines"
-        )
-    row_cos, col_cos = row_cos / np.linalg.norm(row_cos), col_cos / np.linalg.norm(col_cos)
+    row_cos, col_cos = _direction_cosines(iop)
     normal = np.cross(row_cos, col_cos)
     dist = positions @ normal
     order = np.argsort(dist, kind="stable")
@@ -138,6 +121,33 @@ def stack_geometry(
     affine[:3, 2] = normal * spacing_k
     affine[:3, 3] = positions[0]
     return StackGeometry(order=order, affine_lps=affine)
+
+
+def _check_finite_plane(positions: np.ndarray, iop: np.ndarray) -> None:
+    """Refuse non-finite ImagePositionPatient (N, 3) or ImageOrientationPatient (6,) values."""
+    finite_rows = np.all(np.isfinite(positions), axis=1)
+    if not np.all(finite_rows):
+        bad = positions[~finite_rows][0]
+        raise GeometryError(
+            f"ImagePositionPatient is not finite in {int(np.sum(~finite_rows))} slice(s) (e.g. {bad.tolist()}); "
+            "those slices cannot be placed in the world"
+        )
+    if not np.all(np.isfinite(iop)):
+        raise GeometryError(f"ImageOrientationPatient {iop.tolist()} is not finite")
+
+
+def _direction_cosines(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) unit direction cosines of ImageOrientationPatient, refused unless orthonormal."""
+    row_cos, col_cos = iop[:3], iop[3:]
+    if (
+        abs(np.linalg.norm(row_cos) - 1) > _ORTHONORMAL_TOL
+        or abs(np.linalg.norm(col_cos) - 1) > _ORTHONORMAL_TOL
+        or abs(row_cos @ col_cos) > _ORTHONORMAL_TOL
+    ):
+        raise GeometryError(
+            f"ImageOrientationPatient {iop.tolist()} is not two orthonormal direction cosines"
+        )
+    return row_cos / np.linalg.norm(row_cos), col_cos / np.linalg.norm(col_cos)
 
 
 def _slice_spacing(dist: np.ndarray, single_slice_spacing_mm: float) -> float:

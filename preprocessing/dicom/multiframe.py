@@ -9,6 +9,7 @@ like single-frame slices.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +28,63 @@ from preprocessing.errors import IngestError
 from preprocessing.image import DicomSource, Volume, lps_to_ras, pseudonymous_case_id
 
 
+@dataclass(frozen=True)
+class _FrameValues:
+    """Per-frame geometry and rescale of one object, in stored frame order (lists of length F)."""
+
+    positions: list[list[float]]  # ImagePositionPatient (LPS mm)
+    orientations: list[list[float]]  # ImageOrientationPatient
+    pixel_spacings: list[list[float]]  # PixelSpacing [row, column] mm
+    slopes: list[float]
+    intercepts: list[float]
+    slice_thickness_mm: float  # of the last frame's pixel measures: the spacing of a 1-frame object
+
+
 def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = None) -> Volume:
     """Read one multi-frame object (already parsed, pixels included) into a Volume.
 
     Args:
-        ds: the full dataset.
+        ds: the full dataset. Its PixelData is deleted once decoded: the dataset kept in
+            ``Volume.dicom.headers`` is the header only (the SEG writer needs nothing more).
         path: its file (for messages and ``source``).
         decode_threads: unused for now: pydicom decodes all frames of one object in one call.
 
     Returns:
         Volume (1, columns, rows, frames) on the object's grid, RAS affine, rescaled per frame;
-        ``meta["frame_order"]`` lists the stored frame index of each slice ``k``.
+        ``dicom.frame_of_slice`` lists the stored frame index of each slice ``k``.
 
     Raises:
         IngestError / GeometryError: as :func:`preprocessing.dicom.series.read_dicom_series`.
     """
     del decode_threads
+    n_frames = _check_frames(ds, path)
+    values = _frame_values(ds, path)
+    check_same(values.orientations, "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
+    check_same(values.pixel_spacings, "PixelSpacing", atol=SPACING_TOL_MM)
+    geometry = stack_geometry(
+        np.array(values.positions),
+        np.array(values.orientations[0]),
+        np.array(values.pixel_spacings[0]),
+        single_slice_spacing_mm=values.slice_thickness_mm,
+    )
+    order = geometry.order
+    frames = _decode_all(ds, path, n_frames)[order]  # fancy indexing copies: the decoded cache can go
+    del ds.PixelData  # also drops pydicom's cached pixel array: the header alone stays alive
+    stack = rescale_stack(frames, np.array(values.slopes)[order], np.array(values.intercepts)[order])
+    frame_of_slice = tuple(int(k) for k in order)
+    return Volume(
+        array=stack_to_volume_array(stack),
+        affine_ras=lps_to_ras(geometry.affine_lps),
+        case_id=pseudonymous_case_id(str(ds.get("SeriesInstanceUID", ""))),
+        source=os.fspath(path),
+        modality=str(ds.get("Modality", "")),
+        dicom=DicomSource(files=(Path(path),), headers=(ds,), frame_of_slice=frame_of_slice),
+    )
+
+
+def _check_frames(ds: Dataset, path: Path) -> int:
+    """The number of frames, after checking the object has functional groups and is grayscale."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
     if per_frame is None:
         raise IngestError(
             f"{path}: multi-frame object without per-frame functional groups; its frames cannot be placed in the world"
@@ -57,18 +97,25 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise IngestError(f"{path}: colour image (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
     check_grayscale(ds, path)
+    return n_frames
+
+
+def _frame_values(ds: Dataset, path: Path) -> _FrameValues:
+    """Position, orientation, pixel spacing and rescale of every frame (per-frame over shared groups)."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
     shared_item = shared[0] if shared else Dataset()
-    positions, orientations, spacings, slopes, intercepts = [], [], [], [], []
-    for f, item in enumerate(per_frame):
+    values = _FrameValues([], [], [], [], [], 1.0)
+    measures: Dataset | None = None
+    for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         plane = _group(item, shared_item, "PlanePositionSequence")
         orient = _group(item, shared_item, "PlaneOrientationSequence")
         measures = _group(item, shared_item, "PixelMeasuresSequence")
         if plane is None or orient is None or measures is None:
             raise IngestError(f"{path}: frame {f} lacks plane position, orientation or pixel measures")
         try:
-            positions.append([float(v) for v in plane.ImagePositionPatient])
-            orientations.append([float(v) for v in orient.ImageOrientationPatient])
-            spacings.append([float(v) for v in measures.PixelSpacing])
+            values.positions.append([float(v) for v in plane.ImagePositionPatient])
+            values.orientations.append([float(v) for v in orient.ImageOrientationPatient])
+            values.pixel_spacings.append([float(v) for v in measures.PixelSpacing])
         except (AttributeError, TypeError, ValueError) as exc:
             raise IngestError(
                 f"{path}: frame {f}: missing or malformed ImagePositionPatient, ImageOrientationPatient "
@@ -76,31 +123,11 @@ def read_multiframe(ds: Dataset, path: Path, *, decode_threads: int | None = Non
             ) from exc
         transform = _group(item, shared_item, "PixelValueTransformationSequence")
         source = transform if transform is not None else ds
-        slopes.append(float(source.get("RescaleSlope", 1) or 1))
-        intercepts.append(float(source.get("RescaleIntercept", 0) or 0))
-    check_same(orientations, "orientations (ImageOrientationPatient)", atol=ORIENTATION_TOL)
-    check_same(spacings, "PixelSpacing", atol=SPACING_TOL_MM)
-    assert measures is not None  # n_frames >= 1 was checked, and the loop checks every frame
+        values.slopes.append(float(source.get("RescaleSlope", 1) or 1))
+        values.intercepts.append(float(source.get("RescaleIntercept", 0) or 0))
+    assert measures is not None  # _check_frames saw at least one frame; the loop checked each
     thickness = measures.get("SliceThickness") or measures.get("SpacingBetweenSlices") or 1.0
-    geometry = stack_geometry(
-        np.array(positions),
-        np.array(orientations[0]),
-        np.array(spacings[0]),
-        single_slice_spacing_mm=float(thickness),
-    )
-    frames = _decode_all(ds, path, n_frames)
-    order = geometry.order
-    stack = rescale_stack(frames[order], np.array(slopes)[order], np.array(intercepts)[order])
-    series_uid = str(ds.get("SeriesInstanceUID", ""))
-    return Volume(
-        array=stack_to_volume_array(stack),
-        affine_ras=lps_to_ras(geometry.affine_lps),
-        case_id=pseudonymous_case_id(series_uid),
-        source=os.fspath(path),
-        modality=str(ds.get("Modality", "")),
-        meta={"frame_order": tuple(int(k) for k in order), "slice_files": (os.fspath(path),), "n_files": 1},
-        dicom=DicomSource(files=(Path(path),), headers=(ds,), frame_of_slice=tuple(int(k) for k in order)),
-    )
+    return replace(values, slice_thickness_mm=float(thickness))
 
 
 def _group(item: Dataset, shared: Dataset, keyword: str) -> Dataset | None:

@@ -3,8 +3,8 @@
 The volume keeps the series' own grid: ``array[0, i, j, k]`` is column ``i``, row ``j`` of the
 ``k``-th slice sorted along the slice normal, and ``affine_ras`` maps ``(i, j, k)`` to RAS mm
 (the DICOM LPS geometry with x and y negated). Nothing is reoriented or resampled, so a mask
-written on this grid maps back onto the source slices one to one (``meta["slice_files"]`` gives
-the file of each ``k``).
+written on this grid maps back onto the source slices one to one (``Volume.dicom.files[k]`` is
+the file of slice ``k``).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def read_dicom_series(paths: list[Path] | tuple[Path, ...], *, decode_threads: i
         Volume with ``array`` (1, columns, rows, slices): the stored values with RescaleSlope/
         Intercept applied per slice (int16/int32 when the rescale is whole-numbered, e.g. CT in HU;
         float32 when fractional), ``affine_ras`` exact, ``case_id`` pseudonymous (from the
-        SeriesInstanceUID), ``modality`` from the header, ``meta["slice_files"]`` the file of each slice
-        and ``meta["headers"]`` its parsed header (no pixel data).
+        SeriesInstanceUID), ``modality`` from the header, ``dicom`` the file of each slice and its
+        parsed header (no pixel data) in slice order.
 
     Raises:
         IngestError: unreadable files, duplicate SOP instances, mismatched rows/columns/spacing,
@@ -131,14 +131,9 @@ def _read_single_frame_series(
         case_id=pseudonymous_case_id(series_uid),
         source=os.path.commonpath([str(p.parent) for p in paths]),
         modality=str(first.get("Modality", "")),
-        meta={
-            "slice_files": tuple(str(paths[k]) for k in order),
-            "n_files": len(paths),
-            # The parsed headers in slice order (decode_frames dropped their pixel data): the DICOM
-            # SEG writer references them instead of parsing every file again. They hold patient
-            # data; they stay in the process like the files they came from and are never logged.
-            "headers": tuple(datasets[k] for k in order),
-        },
+        # The parsed headers in slice order (decode_frames dropped their pixel data): the DICOM
+        # SEG writer references them instead of parsing every file again. They hold patient
+        # data; they stay in the process like the files they came from and are never logged.
         dicom=DicomSource(
             files=tuple(paths[k] for k in order),
             headers=tuple(datasets[k] for k in order),

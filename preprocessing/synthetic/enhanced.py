@@ -8,6 +8,9 @@ whose geometry lives only in the functional groups:
   PixelValueTransformationSequence (rescale), plus frame-type macros.
 - Per frame: PlanePositionSequence (IPP of frame f), FrameContentSequence.
 
+The constant acquisition macros the IODs make mandatory are in
+:mod:`preprocessing.synthetic.enhanced_macros`.
+
 Public: :func:`write_enhanced_dicom`, :func:`write_text_sr`.
 """
 
@@ -29,64 +32,53 @@ from preprocessing.synthetic.dicom import (
     save_dataset,
     stored_values,
 )
+from preprocessing.synthetic.enhanced_macros import (
+    add_ct_acquisition_macros,
+    add_mr_acquisition_macros,
+    add_mr_pulse_sequence_module,
+    code_item,
+    dataset_item,
+)
 
 _ENHANCED_SOP_CLASS = {"CT": EnhancedCTImageStorage, "MR": EnhancedMRImageStorage}
 
 
-def _item(**attributes: object) -> Dataset:
-    ds = Dataset()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
-
-
 def _shared_groups(spec: DicomSeriesSpec, geo: dict) -> Dataset:
     """Functional groups identical for all frames: orientation, pixel measures, rescale, frame type."""
-    step = abs(float(geo["slice_step"]))
-    shared = _item(
-        PlaneOrientationSequence=Sequence(
-            [_item(ImageOrientationPatient=[format_decimal_string(v) for v in geo["iop"]])]
-        ),
-        PixelMeasuresSequence=Sequence(
-            [
-                _item(
-                    PixelSpacing=[format_decimal_string(v) for v in geo["pixel_spacing"]],
-                    SliceThickness=format_decimal_string(step),
-                    SpacingBetweenSlices=format_decimal_string(step),
-                )
-            ]
-        ),
-        PixelValueTransformationSequence=Sequence(
-            [
-                _item(
-                    RescaleSlope=format_decimal_string(spec.rescale_slope),
-                    RescaleIntercept=format_decimal_string(float(spec.rescale_intercept or 0.0)),
-                    RescaleType="HU" if spec.modality == "CT" else "US",
-                )
-            ]
-        ),
-        FrameVOILUTSequence=Sequence(
-            [
-                _item(
-                    WindowCenter=format_decimal_string(spec.window_center),
-                    WindowWidth=format_decimal_string(spec.window_width),
-                )
-            ]
-        ),
-        FrameAnatomySequence=Sequence(
-            [
-                _item(
-                    FrameLaterality="U",
-                    AnatomicRegionSequence=Sequence([_code("818981001", "SCT", "Abdomen")]),
-                )
-            ]
-        ),
+    step = format_decimal_string(abs(float(geo["slice_step"])))
+    measures = dataset_item(
+        PixelSpacing=[format_decimal_string(v) for v in geo["pixel_spacing"]],
+        SliceThickness=step,
+        SpacingBetweenSlices=step,
     )
-    frame_type = _item(
+    rescale = dataset_item(
+        RescaleSlope=format_decimal_string(spec.rescale_slope),
+        RescaleIntercept=format_decimal_string(float(spec.rescale_intercept or 0.0)),
+        RescaleType="HU" if spec.modality == "CT" else "US",
+    )
+    window = dataset_item(
+        WindowCenter=format_decimal_string(spec.window_center),
+        WindowWidth=format_decimal_string(spec.window_width),
+    )
+    anatomy = dataset_item(
+        FrameLaterality="U", AnatomicRegionSequence=Sequence([code_item("818981001", "SCT", "Abdomen")])
+    )
+    shared = dataset_item(
+        PlaneOrientationSequence=Sequence(
+            [dataset_item(ImageOrientationPatient=[format_decimal_string(v) for v in geo["iop"]])]
+        ),
+        PixelMeasuresSequence=Sequence([measures]),
+        PixelValueTransformationSequence=Sequence([rescale]),
+        FrameVOILUTSequence=Sequence([window]),
+        FrameAnatomySequence=Sequence([anatomy]),
+    )
+    _add_frame_type_and_acquisition(shared, spec)
+    return shared
+
+
+def _add_frame_type_and_acquisition(shared: Dataset, spec: DicomSeriesSpec) -> None:
+    """The modality's image frame type macro and its mandatory acquisition macros."""
+    frame_type = dataset_item(
         FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
         PixelPresentation="MONOCHROME",
         VolumetricProperties="VOLUME",
@@ -94,148 +86,16 @@ def _shared_groups(spec: DicomSeriesSpec, geo: dict) -> Dataset:
     )
     if spec.modality == "CT":
         shared.CTImageFrameTypeSequence = Sequence([frame_type])
-        _add_ct_acquisition_macros(shared, step)
+        add_ct_acquisition_macros(shared)
+        event_uid = generate_uid(entropy_srcs=[str(spec.series_uid), "irradiation"])
         shared.IrradiationEventIdentificationSequence = Sequence(
-            [_item(IrradiationEventUID=generate_uid(entropy_srcs=[str(spec.series_uid), "irradiation"]))]
+            [dataset_item(IrradiationEventUID=event_uid)]
         )
     else:
         frame_type.ComplexImageComponent = "MAGNITUDE"
         frame_type.AcquisitionContrast = "T2"
         shared.MRImageFrameTypeSequence = Sequence([frame_type])
-        _add_mr_acquisition_macros(shared)
-    return shared
-
-
-def _add_ct_acquisition_macros(shared: Dataset, step: float) -> None:
-    """Plausible constant values for the CT macros the Enhanced CT IOD makes mandatory."""
-    shared.CTAcquisitionTypeSequence = Sequence(
-        [_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")]
-    )
-    details = _item(
-        DataCollectionDiameter=500.0,
-        RevolutionTime=0.5,
-        TotalCollimationWidth=40.0,
-        SingleCollimationWidth=0.625,
-        TableHeight=150.0,
-        GantryDetectorTilt=0.0,
-        RotationDirection="CW",
-    )
-    shared.CTAcquisitionDetailsSequence = Sequence([details])
-    shared.CTTableDynamicsSequence = Sequence(
-        [_item(TableSpeed=40.0, TableFeedPerRotation=20.0, SpiralPitchFactor=0.5)]
-    )
-    shared.CTPositionSequence = Sequence(
-        [
-            _item(
-                TablePosition=0.0,
-                ReconstructionTargetCenterPatient=[0.0, 0.0, 0.0],
-                DataCollectionCenterPatient=[0.0, 0.0, 0.0],
-            )
-        ]
-    )
-    shared.CTGeometrySequence = Sequence(
-        [_item(DistanceSourceToDetector=1000.0, DistanceSourceToDataCollectionCenter=550.0)]
-    )
-    recon = _item(
-        ReconstructionAlgorithm="FILTER_BACK_PROJ",
-        ConvolutionKernel="STANDARD",
-        ConvolutionKernelGroup="SOFT_TISSUE",
-        ReconstructionFieldOfView=[400.0, 400.0],
-        ReconstructionPixelSpacing=[1.0, 1.0],
-        ReconstructionAngle=360.0,
-        ImageFilter="NONE",
-    )
-    shared.CTReconstructionSequence = Sequence([recon])
-    exposure = _item(
-        ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0, ExposureModulationType="NONE"
-    )
-    shared.CTExposureSequence = Sequence([exposure])
-    shared.CTXRayDetailsSequence = Sequence(
-        [
-            _item(
-                KVP=120.0,
-                FocalSpots=[1.0],
-                FilterType="BODY",
-                FilterMaterial="ALUMINUM",
-                CalciumScoringMassFactorPatient=0.8,
-            )
-        ]
-    )
-    del step
-
-
-def _add_mr_acquisition_macros(shared: Dataset) -> None:
-    """Plausible constant values for the MR macros the Enhanced MR IOD makes mandatory."""
-    shared.MRTimingAndRelatedParametersSequence = Sequence(
-        [
-            _item(
-                RepetitionTime=3000.0,
-                FlipAngle=90.0,
-                EchoTrainLength=1,
-                RFEchoTrainLength=1,
-                GradientEchoTrainLength=0,
-                SpecificAbsorptionRateSequence=Sequence(
-                    [
-                        _item(
-                            SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY", SpecificAbsorptionRateValue=1.0
-                        )
-                    ]
-                ),
-                GradientOutput=10.0,
-                GradientOutputType="DB_DT",
-                OperatingModeSequence=Sequence(
-                    [_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]
-                ),
-            )
-        ]
-    )
-    shared.MREchoSequence = Sequence([_item(EffectiveEchoTime=90.0)])
-    shared.MRModifierSequence = Sequence(
-        [
-            _item(
-                InversionRecovery="NO",
-                FlowCompensation="NONE",
-                T2Preparation="NO",
-                SpectrallySelectedExcitation="NONE",
-                SpatialPresaturation="NONE",
-                PartialFourier="NO",
-                ParallelAcquisition="NO",
-            )
-        ]
-    )
-    shared.MRImagingModifierSequence = Sequence(
-        [
-            _item(
-                MagnetizationTransfer="NONE",
-                BloodSignalNulling="NO",
-                Tagging="NONE",
-                TransmitterFrequency=63.9,
-                PixelBandwidth=200.0,
-            )
-        ]
-    )
-    shared.MRReceiveCoilSequence = Sequence(
-        [
-            _item(
-                ReceiveCoilName="BODY",
-                ReceiveCoilManufacturerName="SYNTH",
-                ReceiveCoilType="BODY",
-                QuadratureReceiveCoil="YES",
-            )
-        ]
-    )
-    shared.MRTransmitCoilSequence = Sequence(
-        [_item(TransmitCoilName="BODY", TransmitCoilManufacturerName="SYNTH", TransmitCoilType="BODY")]
-    )
-    shared.MRAveragesSequence = Sequence([_item(NumberOfAverages=1.0)])
-    fov = _item(
-        InPlanePhaseEncodingDirection="ROW",
-        MRAcquisitionFrequencyEncodingSteps=256,
-        MRAcquisitionPhaseEncodingStepsInPlane=256,
-        PercentSampling=100.0,
-        PercentPhaseFieldOfView=100.0,
-    )
-    shared.MRFOVGeometrySequence = Sequence([fov])
+        add_mr_acquisition_macros(shared)
 
 
 def _per_frame_groups(geo: dict, order: np.ndarray, acquired: str) -> Sequence:
@@ -243,7 +103,7 @@ def _per_frame_groups(geo: dict, order: np.ndarray, acquired: str) -> Sequence:
     frames = []
     for k in order:
         ipp = geo["affine_lps"] @ np.array([0.0, 0.0, float(k), 1.0])
-        content = _item(
+        content = dataset_item(
             StackID="1",
             InStackPositionNumber=int(k) + 1,
             DimensionIndexValues=[1, int(k) + 1],
@@ -252,10 +112,10 @@ def _per_frame_groups(geo: dict, order: np.ndarray, acquired: str) -> Sequence:
             FrameAcquisitionDuration=100.0,
         )
         frames.append(
-            _item(
+            dataset_item(
                 FrameContentSequence=Sequence([content]),
                 PlanePositionSequence=Sequence(
-                    [_item(ImagePositionPatient=[format_decimal_string(v) for v in ipp[:3]])]
+                    [dataset_item(ImagePositionPatient=[format_decimal_string(v) for v in ipp[:3]])]
                 ),
             )
         )
@@ -264,16 +124,16 @@ def _per_frame_groups(geo: dict, order: np.ndarray, acquired: str) -> Sequence:
 
 def _dimension_module(ds: Dataset, dimension_uid: str) -> None:
     """Multi-frame Dimension module: frames indexed by (StackID, InStackPositionNumber)."""
-    ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=dimension_uid)])
+    ds.DimensionOrganizationSequence = Sequence([dataset_item(DimensionOrganizationUID=dimension_uid)])
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = Sequence(
         [
-            _item(
+            dataset_item(
                 DimensionOrganizationUID=dimension_uid,
                 DimensionIndexPointer=0x00209056,  # StackID
                 FunctionalGroupPointer=0x00209111,  # FrameContentSequence
             ),
-            _item(
+            dataset_item(
                 DimensionOrganizationUID=dimension_uid,
                 DimensionIndexPointer=0x00209057,  # InStackPositionNumber
                 FunctionalGroupPointer=0x00209111,
@@ -305,31 +165,7 @@ def _enhanced_image_attributes(ds: Dataset, spec: DicomSeriesSpec) -> None:
         ds.KSpaceFiltering = "NONE"
         ds.ApplicableSafetyStandardAgency = "IEC"
         ds.ImageComments = "synthetic"
-        _mr_pulse_sequence_module(ds)
-
-
-def _mr_pulse_sequence_module(ds: Dataset) -> None:
-    """MR Pulse Sequence module (required for ORIGINAL Enhanced MR images): a plain 2D spin echo."""
-    attributes = {
-        "PulseSequenceName": "SYNTH_SE",
-        "MRAcquisitionType": "2D",
-        "EchoPulseSequence": "SPIN",
-        "MultipleSpinEcho": "NO",
-        "MultiPlanarExcitation": "NO",
-        "PhaseContrast": "NO",
-        "TimeOfFlightContrast": "NO",
-        "SteadyStatePulseSequence": "NONE",
-        "EchoPlanarPulseSequence": "NO",
-        "SaturationRecovery": "NO",
-        "SpectrallySelectedSuppression": "NONE",
-        "OversamplingPhase": "NONE",
-        "GeometryOfKSpaceTraversal": "RECTILINEAR",
-        "RectilinearPhaseEncodeReordering": "LINEAR",
-        "SegmentedKSpaceTraversal": "SINGLE",
-        "NumberOfKSpaceTrajectories": 1,
-    }
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
+        add_mr_pulse_sequence_module(ds)
 
 
 def write_enhanced_dicom(
@@ -405,13 +241,13 @@ def write_text_sr(
     ds.VerificationFlag = "UNVERIFIED"
     ds.PerformedProcedureCodeSequence = Sequence()
     ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "LN", "Diagnostic Imaging Report")])
+    ds.ConceptNameCodeSequence = Sequence([code_item("18748-4", "LN", "Diagnostic Imaging Report")])
     ds.ContinuityOfContent = "SEPARATE"
-    ds.ContentTemplateSequence = Sequence([_item(MappingResource="DCMR", TemplateIdentifier="2000")])
-    finding = _item(
+    ds.ContentTemplateSequence = Sequence([dataset_item(MappingResource="DCMR", TemplateIdentifier="2000")])
+    finding = dataset_item(
         RelationshipType="CONTAINS",
         ValueType="TEXT",
-        ConceptNameCodeSequence=Sequence([_code("121071", "DCM", "Finding")]),
+        ConceptNameCodeSequence=Sequence([code_item("121071", "DCM", "Finding")]),
         TextValue=text,
     )
     ds.ContentSequence = Sequence([finding])

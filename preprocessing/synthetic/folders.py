@@ -136,11 +136,10 @@ def _write_one(
     cycle = index // len(_RECIPES)
     folder = root / (recipe.folder if cycle == 0 else f"{recipe.folder}_{cycle}")
     affine = _grid(recipe, shape)
-    anatomy_seed = seed * 100 + recipe.patient + 10 * cycle
     image, label = make_phantom(
         shape,
         modality=recipe.modality,
-        seed=anatomy_seed,
+        seed=seed * 100 + recipe.patient + 10 * cycle,  # one anatomy per patient and cycle
         affine_ras=affine,
         body_half_extent_mm=_BODY_HALF_EXTENT_MM,
         noise_seed=seed * 100 + index,
@@ -148,40 +147,8 @@ def _write_one(
     description = f"SYNTH {recipe.modality} {recipe.orientation.upper()}"
     if recipe.kind == "nifti":
         stem = recipe.name if cycle == 0 else f"{recipe.name}_{cycle}"
-        path = write_nifti(
-            image, affine, folder / f"{stem}.nii.gz", qform_differs=recipe.orientation == "oblique"
-        )
-        affine = affine.astype(np.float32).astype(np.float64)  # NIfTI stores the sform as float32
-        return SeriesTruth(
-            "nifti",
-            "",
-            sanitize_case_id(stem),
-            (path,),
-            recipe.orientation,
-            recipe.modality,
-            affine,
-            image,
-            label,
-            description=description,
-        )
-    # Study and frame-of-reference UIDs follow the folder seed, so two folders never share UIDs.
-    base = replace(
-        patients[recipe.patient % len(patients)], seed=seed, study_uid=None, frame_of_reference_uid=None
-    )
-    spec = base.with_series(
-        series_number=index + 1,
-        series_description=description,
-        modality=recipe.modality,
-        signed=recipe.signed,
-        transfer_syntax=recipe.transfer_syntax,
-        shuffle_names=True,
-        shuffle_instance_numbers=True,
-        rescale_slope=recipe.rescale_slope,
-        rescale_intercept=None,
-        window_center=40.0 if recipe.modality == "CT" else 400.0,
-        window_width=400.0 if recipe.modality == "CT" else 800.0,
-        seed=seed * 100 + index,
-    )
+        return _write_nifti_recipe(folder / f"{stem}.nii.gz", recipe, image, label, affine, description)
+    spec = _series_spec(recipe, index, seed, patients, description)
     if recipe.kind == "enhanced":
         files: tuple[Path, ...] = (
             write_enhanced_dicom(image, affine, folder / _random_name(spec.seed, "enh"), spec),
@@ -205,6 +172,49 @@ def _write_one(
         identity=_identity(spec),
         description=description,
         transfer_syntax=spec.transfer_syntax,
+    )
+
+
+def _write_nifti_recipe(
+    path: Path, recipe: _Recipe, image: np.ndarray, label: np.ndarray, affine: np.ndarray, description: str
+) -> SeriesTruth:
+    """Write a NIfTI recipe (the oblique one with a misleading qform); returns its truth."""
+    write_nifti(image, affine, path, qform_differs=recipe.orientation == "oblique")
+    return SeriesTruth(
+        "nifti",
+        "",
+        sanitize_case_id(path.name.removesuffix(".nii.gz")),
+        (path,),
+        recipe.orientation,
+        recipe.modality,
+        affine.astype(np.float32).astype(np.float64),  # NIfTI stores the sform as float32
+        image,
+        label,
+        description=description,
+    )
+
+
+def _series_spec(
+    recipe: _Recipe, index: int, seed: int, patients: Sequence[DicomSeriesSpec], description: str
+) -> DicomSeriesSpec:
+    """Header content of recipe ``index``: its patient's identity, UIDs derived from ``seed``."""
+    # Study and frame-of-reference UIDs follow the folder seed, so two folders never share UIDs.
+    base = replace(
+        patients[recipe.patient % len(patients)], seed=seed, study_uid=None, frame_of_reference_uid=None
+    )
+    return base.with_series(
+        series_number=index + 1,
+        series_description=description,
+        modality=recipe.modality,
+        signed=recipe.signed,
+        transfer_syntax=recipe.transfer_syntax,
+        shuffle_names=True,
+        shuffle_instance_numbers=True,
+        rescale_slope=recipe.rescale_slope,
+        rescale_intercept=None,
+        window_center=40.0 if recipe.modality == "CT" else 400.0,
+        window_width=400.0 if recipe.modality == "CT" else 800.0,
+        seed=seed * 100 + index,
     )
 
 

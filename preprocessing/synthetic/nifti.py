@@ -177,22 +177,26 @@ def write_msd_dataset(
                 "patient_id": f"patient_{patient:03d}",
             }
         )
-    names = _channel_names(modality, n_channels)
-    meta = {
+    path = root / "dataset.json"
+    dataset = _dataset_json(_channel_names(modality, n_channels), n_train, n_test) | entries
+    write_text_atomic(path, json.dumps(dataset, indent=2))
+    logger.info("wrote MSD dataset with %d training and %d test cases to %s", n_train, n_test, root)
+    return path
+
+
+def _dataset_json(channel_names: dict[str, str], n_train: int, n_test: int) -> dict[str, object]:
+    """``dataset.json`` without its case lists: MSD keys and nnU-Net v2 keys side by side."""
+    return {
         "name": "SyntheticAbdomen",
         "description": "Seeded synthetic phantoms (liver, kidney, lesion); not patient data.",
         "reference": "medseg synthetic generator",
         "licence": "CC0",
         "release": "1.0",
-        "tensorImageSize": "4D" if n_channels > 1 else "3D",
-        "modality": names,
-        "channel_names": names,
+        "tensorImageSize": "4D" if len(channel_names) > 1 else "3D",
+        "modality": channel_names,
+        "channel_names": channel_names,
         "labels": {"background": 0} | {name: value for value, name in LABEL_NAMES.items()},
         "file_ending": ".nii.gz",
         "numTraining": n_train,
         "numTest": n_test,
-    } | entries
-    path = root / "dataset.json"
-    write_text_atomic(path, json.dumps(meta, indent=2))
-    logger.info("wrote MSD dataset with %d training and %d test cases to %s", n_train, n_test, root)
-    return path
+    }

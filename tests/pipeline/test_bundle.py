@@ -1,4 +1,4 @@
-"""Model bundle: folder round trip, registry champion logic, models:/ loading, pyfunc predict."""
+"""Model bundle: folder round trip, models:/ loading, and (pipeline.tracking_registry) champion + pyfunc."""
 
 from __future__ import annotations
 
@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bundle import (
-    ModelBundle,
-    ModelBundleError,
-    load_bundle,
-    register_bundle,
-    resolve_bundle_dir,
-    save_bundle,
-)
+from pipeline.bundle import ModelBundle, ModelBundleError, load_bundle, resolve_bundle_dir, save_bundle
 from pipeline.inference.config import InferenceConfig
 from pipeline.inference.segment import Segmenter
 from pipeline.tracking import Tracker, tracking_uri
+from pipeline.tracking_registry import register_bundle
 from preprocessing.image import Volume
 from preprocessing.plan import ChannelNormalization, Plan
 

@@ -24,7 +24,13 @@ import numpy as np
 import pytest
 import surface_distance as deepmind
 
-from pipeline.metrics import json_ready, segmentation_metrics, summarize_metrics
+from pipeline.metrics import (
+    ReferenceMetrics,
+    json_ready,
+    reference_metrics,
+    segmentation_metrics,
+    summarize_metrics,
+)
 
 SPACING = (0.7, 1.3, 3.0)
 SHAPE = (48, 40, 20)
@@ -191,3 +197,20 @@ def test_json_ready_summary_is_strict_json():
     parsed = json.loads(text, parse_constant=refuse)
     assert parsed["liver"]["dice"]["std"] is None and parsed["liver"]["dice"]["ci95"] == [None, None]
     assert parsed["liver"]["hd95"]["n_nan"] == 1 and parsed["liver"]["hd95"]["mean"] is None
+
+
+def test_reference_metrics_are_the_recorded_subset_of_the_metric_rows():
+    pred = np.zeros((8, 8, 8), np.uint8)
+    gt = np.zeros_like(pred)
+    pred[2:6, 2:6, 2:6], gt[2:6, 2:6, 3:7] = 1, 1
+    labels = {2: "lesion", 1: "liver"}
+    typed = reference_metrics(pred, gt, labels, (1.0, 1.0, 2.0))
+    rows = segmentation_metrics(pred, gt, labels, (1.0, 1.0, 2.0))
+    assert list(typed) == ["liver", "lesion"]  # ascending label value, as the columns go
+    assert ReferenceMetrics.names() == ("dice", "hd95", "nsd")
+    for row in rows:
+        assert typed[row["label"]] == ReferenceMetrics(dice=row["dice"], hd95=row["hd95"], nsd=row["nsd"])
+    assert typed["liver"].dice == pytest.approx(0.75)
+    assert typed["lesion"] == ReferenceMetrics(
+        dice=1.0, hd95=0.0, nsd=1.0
+    )  # absent from both: a correct "absent"

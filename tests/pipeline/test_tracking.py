@@ -46,3 +46,18 @@ def test_nested_runs_metrics_and_pickling(tmp_path):
 def test_unreachable_server_is_reported_quickly():
     assert check_tracking_reachable("http://127.0.0.1:9") != ""
     NullTracker().start_run("x").log_metrics({"a": 1.0}, step=0)  # no-op, no error
+
+
+def test_log_table_logs_a_json_table_artifact():
+    import pandas as pd
+
+    run = Tracker("exp-table").start_run("t")
+    run.log_table(pd.DataFrame({"case_id": ["a", "b"], "dice_liver": [0.9, 0.8]}), artifact_file="cases.json")
+    run.end()
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["cases.json"]
+    table = client.load_table(
+        client.get_run(run.run_id).info.experiment_id, "cases.json", run_ids=[run.run_id]
+    )
+    assert table["case_id"].tolist() == ["a", "b"] and table["dice_liver"].tolist() == [0.9, 0.8]
+    NullTracker().log_table(pd.DataFrame(), artifact_file="x.json")  # no-op, no error

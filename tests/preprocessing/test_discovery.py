@@ -111,7 +111,7 @@ def test_missing_source_raises(tmp_path):
 def test_parallel_header_scan_gives_the_same_items(hospital, monkeypatch):
     root, _ = hospital
     serial = discover_sources(root, processes=1)
-    monkeypatch.setattr("preprocessing.discovery.PARALLEL_SCAN_MIN_FILES", 1)
+    monkeypatch.setattr("preprocessing.dicom.scan.PARALLEL_SCAN_MIN_FILES", 1)
     parallel = discover_sources(root, processes=2)
     assert [(it.case_id, it.status, it.reason, it.paths) for it in parallel] == [
         (it.case_id, it.status, it.reason, it.paths) for it in serial
@@ -139,7 +139,7 @@ def _series(folder: Path, seed: int = 0) -> list[Path]:
 def test_special_files_and_links_each_get_a_row(tmp_path):
     import os
 
-    from preprocessing.synthetic.faults import write_bad_special_files, write_bad_symlinks
+    from preprocessing.synthetic import write_bad_special_files, write_bad_symlinks
 
     source, outside = tmp_path / "src", tmp_path / "outside"
     files = _series(source / "real")
@@ -210,7 +210,7 @@ def test_out_and_private_folders_are_not_scanned(tmp_path):
 
 def test_series_sharing_a_uid_splits_by_identity_with_stable_ids(tmp_path):
     from preprocessing.image import pseudonymous_case_id
-    from preprocessing.synthetic.faults import write_bad_shared_series_uid
+    from preprocessing.synthetic import write_bad_shared_series_uid
 
     files_a, files_b = write_bad_shared_series_uid(
         tmp_path / "s", differ="FrameOfReferenceUID", shape=(8, 8, 4)
@@ -251,7 +251,7 @@ def test_unplaceable_slice_errors_the_series_but_2d_images_are_skipped(tmp_path)
 
 
 def test_truncated_image_file_is_reported_as_truncated(tmp_path):
-    from preprocessing.synthetic.faults import write_bad_truncated_header
+    from preprocessing.synthetic import write_bad_truncated_header
 
     write_bad_truncated_header(tmp_path / "s", shape=(8, 8, 4))
     (item,) = discover_sources(tmp_path / "s")

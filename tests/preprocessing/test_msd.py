@@ -104,3 +104,36 @@ def test_empty_dataset_and_missing_json(tmp_path, msd):
         p.unlink()
     with pytest.raises(DatasetError, match="no training cases"):
         read_msd_dataset(msd)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{"0": "background", "1": "liver", "2": "kidney"}, {"background": 0, "liver": 1, "kidney": "2"}],
+    ids=["msd", "nnunet_v2"],
+)
+def test_dataset_labels_in_both_styles(tmp_path, labels):
+    from preprocessing.msd import read_dataset_labels
+
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": labels}))
+    assert read_dataset_labels(path) == {0: "background", 1: "liver", 2: "kidney"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ('{"name": "x"}', "missing or empty 'labels'"),
+        ('{"labels": {"liver": "one"}}', "neither MSD style"),
+        ('{"labels": {"liver": [1, 2]}}', "region lists are not supported"),
+    ],
+)
+def test_dataset_labels_errors_name_the_file_and_the_problem(tmp_path, content, message):
+    from preprocessing.msd import read_dataset_labels
+
+    path = tmp_path / "dataset.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message) as info:
+        read_dataset_labels(path)
+    assert str(path) in str(info.value)

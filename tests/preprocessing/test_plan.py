@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from preprocessing.errors import DatasetError
+from preprocessing.fingerprint import Fingerprint, fingerprint_dataset
 from preprocessing.msd import read_msd_dataset
 from preprocessing.plan import (
-    Fingerprint,
     Plan,
     PlanConfig,
-    fingerprint_dataset,
     make_plan,
     patch_size_for,
     read_plan,
@@ -62,6 +61,8 @@ def test_plan_from_synthetic_dataset_and_round_trip(tmp_path):
     fp = fingerprint_dataset(ds)
     assert fp.spacings_mm[0] == pytest.approx((1.5, 1.5, 3.0)) and fp.shapes[0] == (24, 20, 12)
     assert fp.sha256() == fingerprint_dataset(ds).sha256()  # deterministic
+    resampled = fingerprint_dataset(ds, foreground_samples_per_case=50, seed=3)
+    assert resampled.spacings_mm == fp.spacings_mm and resampled.foreground != fp.foreground
     config = PlanConfig(divisor=(4, 4, 4), network_options={"channels": [8, 16, 32]})
     plan = make_plan(fp, "unet", config)
     assert plan.spacing_mm == pytest.approx((1.5, 1.5, 3.0))

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.image import Volume
+from preprocessing.fingerprint import fingerprint_dataset
+from preprocessing.image import GRID_TOL_MM, Volume
 from preprocessing.msd import read_msd_dataset
-from preprocessing.plan import ChannelNormalization, PlanConfig, fingerprint_dataset, make_plan
+from preprocessing.plan import ChannelNormalization, PlanConfig, make_plan
 from preprocessing.synthetic import write_msd_dataset
 from preprocessing.transforms import (
     AugmentConfig,
+    ResampleToPlanGrid,
     case_to_item,
     normalize_intensity,
     preprocess_for_inference,
@@ -126,6 +128,72 @@ def test_oblique_volume_gives_ras_aligned_grids_with_correct_world_values(tmp_pa
         inside = np.all((src >= 1) & (src <= np.array(shape) - 2), axis=-1)  # away from the FOV edge
         assert inside.sum() > 1000
         assert np.allclose(values[inside], world_function(world[inside]), atol=1e-2)
+
+
+def _oblique_case(tmp_path):
+    """A rotated, anisotropic (1 x 1.3 x 2.5 mm) case with a label, written as NIfTI."""
+    c, s = np.cos(0.35), np.sin(0.35)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([1.0, 1.3, 2.5])
+    affine[:3, 3] = [12.0, -20.0, 5.0]
+    rng = np.random.default_rng(3)
+    image = (100.0 + rng.normal(0.0, 20.0, (30, 26, 12))).astype(np.float32)
+    label = np.zeros((30, 26, 12), np.uint8)
+    label[8:20, 6:18, 3:9] = 1
+    label[10:14, 8:12, 4:7] = 2
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "lab.nii.gz"))
+    return {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+
+
+def test_training_and_inference_use_the_same_grid(tmp_path):
+    """One resampler: the training transform lands an oblique case on preprocess_for_inference's grid."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from preprocessing.plan import Plan
+    from preprocessing.resample import resample_to_grid
+
+    item = _oblique_case(tmp_path)
+    plan = Plan(
+        spacing_mm=(1.5, 1.5, 2.0),
+        patch_size=(8, 8, 8),
+        batch_size=1,
+        normalization=(ChannelNormalization("none"),),
+        modalities={0: "MR"},
+        labels={0: "bg", 1: "a", 2: "b"},
+        network="unet",
+    )
+    load = Compose(
+        [LoadImaged(keys=("image", "label"), image_only=True), EnsureChannelFirstd(keys=("image", "label"))]
+    )
+    loaded = load(item)
+    out = ResampleToPlanGrid(("image", "label"), plan.spacing_mm, modes=("linear", "nearest"))(loaded)
+    img = nib.load(item["image"])
+    volume = Volume(np.asarray(img.dataobj, np.float32)[None], img.affine)
+    network, network_affine = preprocess_for_inference(volume, plan)
+    assert tuple(out["image"].shape) == tuple(network.shape) == tuple(out["label"].shape)
+    assert np.array_equal(np.asarray(out["image"].affine), network_affine)
+    assert np.array_equal(np.asarray(out["label"].affine), network_affine)
+    assert torch.equal(out["image"].as_tensor(), network)  # "none" normalisation: the resampled values
+    # the label: nearest resample of the source labels onto that grid, integer-valued, every label kept
+    labels = out["label"].as_tensor()
+    source = torch.from_numpy(np.asarray(nib.load(item["label"]).dataobj, np.float32))[None]
+    assert torch.equal(
+        labels, resample_to_grid(source, img.affine, network_affine, network.shape[1:], "nearest")
+    )
+    assert set(torch.unique(labels).tolist()) == {0.0, 1.0, 2.0}
+    assert out["image"].meta["filename_or_obj"] == item["image"]  # other metadata survives
+    # the validation chain (crop of zero borders, none here; pad to patch, not needed) gives that grid too
+    val = val_transforms(plan)(item)
+    assert np.allclose(np.asarray(val["image"].affine), network_affine, atol=GRID_TOL_MM)
+    assert torch.equal(val["image"].as_tensor(), network)
+
+
+def test_resample_transform_refuses_plain_tensors():
+    with pytest.raises(TypeError, match="MetaTensor"):
+        ResampleToPlanGrid(("image",), (1.0, 1.0, 1.0), modes=("linear",))({"image": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="one mode per key"):
+        ResampleToPlanGrid(("image", "label"), (1.0, 1.0, 1.0), modes=("linear",))
 
 
 @pytest.mark.parametrize("layout", ["4d", "channel_files"])

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from preprocessing.discovery import SourceItem
 from preprocessing.errors import IngestError
 from preprocessing.image import ras_to_lps
+from preprocessing.source_item import SourceItem
 from preprocessing.synthetic import (
+    DicomSeriesSpec,
     make_phantom,
     orientation_affine,
     write_bad_nan_nifti,
     write_bad_truncated_nifti,
+    write_dicom_series,
     write_nifti,
 )
 from preprocessing.volume_io import load_source_item, read_volume, write_nifti_atomic
@@ -143,7 +145,7 @@ def test_load_source_item_merges_msd_channels(tmp_path):
 
 def test_header_declaring_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
     """8 GiB declared, 1 KiB held: refused from the header and the file size, before any data is read."""
-    from preprocessing.synthetic.faults import write_bad_oversized_nifti
+    from preprocessing.synthetic import write_bad_oversized_nifti
 
     for name in ("huge.nii.gz", "huge.nii"):
         with pytest.raises(IngestError, match=r"declares 2048x2048x1024 int16 .* holds only 1,376 bytes"):
@@ -193,3 +195,13 @@ def test_implausible_nifti_voxel_size_is_refused(tmp_path, zoom):
     path = write_nifti(np.zeros((4, 4, 4), np.float32), np.diag([zoom, 1.0, 1.0, 1.0]), tmp_path / "z.nii")
     with pytest.raises(GeometryError, match=r"voxel size in the NIfTI header \(pixdim/sform\) of z.nii"):
         read_volume(path)
+
+
+def test_loading_a_dicom_item_keeps_its_dicom_source(tmp_path):
+    """The item's case id wins, and the reader's DicomSource reaches the caller (the SEG writer)."""
+    image, affine = _phantom("axial")
+    files = write_dicom_series(image, affine, tmp_path / "series", DicomSeriesSpec(seed=3))
+    volume = load_source_item(SourceItem("dicom", "case-x", tuple(reversed(files)), modality="CT"))
+    assert volume.case_id == "case-x"
+    assert volume.dicom is not None and list(volume.dicom.files) == files  # slice order, not input order
+    assert len(volume.dicom.headers) == len(files)

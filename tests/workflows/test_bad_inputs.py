@@ -27,10 +27,6 @@ from preprocessing.synthetic import (
     DicomSeriesSpec,
     make_phantom,
     orientation_affine,
-    write_dicom_series,
-    write_nifti,
-)
-from preprocessing.synthetic.faults import (
     write_bad_4d_nifti,
     write_bad_oversized_nifti,
     write_bad_palette_color,
@@ -40,6 +36,8 @@ from preprocessing.synthetic.faults import (
     write_bad_special_files,
     write_bad_symlinks,
     write_bad_truncated_header,
+    write_dicom_series,
+    write_nifti,
 )
 from workflows.cli import main
 

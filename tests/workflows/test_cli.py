@@ -46,6 +46,7 @@ def _fake_bundle(tmp_path: Path) -> Path:
         (["evaluate", "P", "G", "--out", "m.csv", "--nsd-tolerance", "0"], "--nsd-tolerance"),
         (["evaluate", "P", "G", "--out", "m.csv", "--nsd-tolerance", "inf"], "--nsd-tolerance"),
         (["demo", "--workers", "0"], "--workers"),
+        (["demo", "--epochs", "0"], "--epochs"),
     ],
 )
 def test_numbers_out_of_range_exit_2_naming_the_flag(argv, flag, capsys):

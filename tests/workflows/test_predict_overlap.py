@@ -62,12 +62,12 @@ def test_reading_and_writing_overlap_the_gpu_stage(tmp_path, trained_model, scan
         with get_task_stream(client) as stream:
             rows = list(predict.run_case_tasks(client, items, config, GPU, in_flight=4))
         data = stream.data
-    assert sorted(r["case_id"] for r in rows) == sorted(i.case_id for i in items)
-    assert {r["status"] for r in rows} == {"ok", "skipped"}, [r["reason"] for r in rows]
+    assert sorted(r.case_id for r in rows) == sorted(i.case_id for i in items)
+    assert {r.status for r in rows} == {"ok", "skipped"}, [r.reason for r in rows]
     for row in rows:
-        assert (tmp_path / "out" / row["case_id"] / "case.json").is_file()
-        if row["status"] == "ok":
-            assert row["seconds_read"] > 0 and row["seconds_segment"] > 0 and row["seconds_write"] > 0
+        assert (tmp_path / "out" / row.case_id / "case.json").is_file()
+        if row.status == "ok":
+            assert all(row.stage_seconds[stage] > 0 for stage in ("read", "segment", "write"))
 
     segments = _intervals(data, "segment-")
     io = _intervals(data, "read-") + _intervals(data, "write-")
@@ -101,9 +101,9 @@ def test_a_case_that_kills_its_worker_is_an_error_row(tmp_path, trained_model, s
         dask.config.set({"distributed.scheduler.allowed-failures": 0}),
         dask_client(workers=2) as client,
     ):
-        rows = {r["case_id"]: r for r in predict.run_case_tasks(client, items, config, None, in_flight=3)}
+        rows = {r.case_id: r for r in predict.run_case_tasks(client, items, config, None, in_flight=3)}
     assert set(rows) == {i.case_id for i in items}
-    assert rows[doomed]["status"] == "error" and "worker" in rows[doomed]["reason"].lower()
+    assert rows[doomed].status == "error" and "worker" in rows[doomed].reason.lower()
     assert not (tmp_path / "out" / doomed).exists()
     others = [r for cid, r in rows.items() if cid != doomed]
-    assert all(r["status"] in ("ok", "skipped") for r in others), [r["reason"] for r in others]
+    assert all(r.status in ("ok", "skipped") for r in others), [r.reason for r in others]

@@ -404,9 +404,9 @@ def test_readme_config_example_is_valid_and_bad_augment_keys_are_clear(tmp_path)
     """The YAML shown in the README must load; a typo in `augment` is a clear ValueError (exit 2)."""
     import re
 
-    from pipeline.training.trainer import TrainConfig
+    from pipeline.training.config import TrainConfig
     from preprocessing.plan import PlanConfig
-    from workflows.train import load_config_file
+    from workflows.train_config import load_config_file
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     example = tmp_path / "readme.yaml"

@@ -21,8 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import pipeline.training.trainer as trainer
-from pipeline.bundle import ModelBundleError, bundle_from_checkpoints, register_bundle
+from pipeline.bundle import ModelBundleError, bundle_from_checkpoints
 from pipeline.tracking import Tracker
+from pipeline.tracking_registry import register_bundle
 from preprocessing.plan import read_plan
 from preprocessing.synthetic import write_msd_dataset
 from workflows.cli import main

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from networks import available_networks, build_network, geometry_options, required_divisor
-from preprocessing.plan import Fingerprint, PlanConfig, make_plan
+from preprocessing.fingerprint import Fingerprint
+from preprocessing.plan import PlanConfig, make_plan
 from preprocessing.synthetic import write_msd_dataset
 from workflows.cli import main
 from workflows.train import network_geometry

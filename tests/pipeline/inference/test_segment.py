@@ -145,3 +145,38 @@ def test_slabwise_resample_argmax_equals_full_resample():
     full = torch.argmax(resample_to_grid(probs, src, dst, shape, mode="linear"), dim=0).numpy()
     slabbed = resample_argmax(probs, src, dst, shape, slab_voxels=25 * 22 * 3)  # 6 slabs, last partial
     np.testing.assert_array_equal(slabbed, full.astype(np.uint8))
+
+
+def test_streamed_members_reach_the_hook_and_average_to_the_batched_segmentation():
+    """on_member sees folds x mirrors members; the Segmentation is still their mean."""
+    from pipeline.inference.member_output import MemberOutput
+    from tests.pipeline.inference.engine_cases import conv_net
+
+    plan = Plan(
+        spacing_mm=(2.0, 2.0, 2.0),
+        patch_size=(16, 12, 10),
+        batch_size=1,
+        normalization=(ChannelNormalization("none"),),
+        modalities={0: "CT"},
+        labels={0: "background", 1: "a", 2: "b"},
+        network="test",
+    )
+    affine = np.diag([1.5, 2.0, 2.5, 1.0])
+    gen = np.random.default_rng(0)
+    volume = Volume(gen.standard_normal((1, 30, 22, 14)).astype(np.float32), affine, case_id="members")
+    networks = [conv_net(seed=0), conv_net(seed=7)]
+    config = InferenceConfig(roi_size=(16, 12, 10), tta=True, device="cpu", amp=False)
+    segmenter = Segmenter(plan, networks, {}, config)
+    batched = segmenter(volume, keep_probabilities=True)
+    members: list[MemberOutput] = []
+    streamed = segmenter(volume, keep_probabilities=True, on_member=members.append)
+    assert [(m.member, m.fold) for m in members] == [(i, i // 8) for i in range(16)]
+    assert len({m.mirror_axes for m in members}) == 8
+    assert streamed.probabilities is not None and batched.probabilities is not None
+    grid = tuple(streamed.probabilities.shape)
+    assert all(m.probabilities.dtype == torch.float32 and tuple(m.probabilities.shape) == grid for m in members)
+    mean = torch.stack([m.probabilities.cpu() for m in members]).mean(0)
+    torch.testing.assert_close(streamed.probabilities, mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(streamed.probabilities, batched.probabilities, atol=1e-5, rtol=1e-5)
+    assert (streamed.labels == batched.labels).mean() > 0.999
+    assert len(np.unique(streamed.labels)) > 1  # not vacuous: more than one label predicted

@@ -1,4 +1,4 @@
-"""The sliding-window engine: MONAI agreement, mirror/ensemble semantics, and every lever."""
+"""The sliding-window engine: MONAI agreement, mirror/ensemble semantics, member streaming, the levers."""
 
 from __future__ import annotations
 
@@ -9,36 +9,15 @@ from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from torch import nn
 
-import pipeline.inference.network_runner as levers
 from pipeline.inference.config import InferenceConfig
+from pipeline.inference.member_output import MemberOutput
 from pipeline.inference.sliding_window import (
     MIRROR_AXES,
     predict_probabilities,
     sliding_window_logits,
     window_starts,
 )
-
-ROI = (16, 12, 10)
-
-
-def _net(in_channels: int = 1, classes: int = 3, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    # Padding zeros at the window border plus a strided stage: outputs depend on the window
-    # position, so blending mistakes show up.
-    return nn.Sequential(
-        nn.Conv3d(in_channels, 6, 3, padding=1),
-        nn.InstanceNorm3d(6, affine=True),
-        nn.LeakyReLU(),
-        nn.Conv3d(6, 6, 3, stride=2, padding=1),
-        nn.LeakyReLU(),
-        nn.Upsample(scale_factor=2, mode="trilinear"),
-        nn.Conv3d(6, classes, 3, padding=1),
-    ).eval()
-
-
-def _image(shape=(1, 1, 29, 22, 17), seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g)
+from tests.pipeline.inference.engine_cases import ROI, conv_net, mirrored, plain_logits, random_image
 
 
 def _monai(image, net, overlap=0.5, mode="gaussian", sw=4):
@@ -56,7 +35,7 @@ def test_window_positions_are_monais(size, overlap):
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
 def test_logits_and_probabilities_agree_with_monai(mode):
-    net, image = _net(), _image((2, 1, 37, 29, 23))
+    net, image = conv_net(), random_image((2, 1, 37, 29, 23))
     ref = _monai(image, net, mode=mode)
     ours = sliding_window_logits(image, net, InferenceConfig(roi_size=ROI, mode=mode, sw_batch_size=3))
     assert ours.dtype == torch.float32 and ours.shape == (2, 3, 37, 29, 23)
@@ -71,14 +50,10 @@ def test_logits_and_probabilities_agree_with_monai(mode):
 
 
 def test_image_smaller_than_roi_is_padded_and_cropped_back():
-    net, image = _net(), _image((1, 1, 9, 20, 7))
+    net, image = conv_net(), random_image((1, 1, 9, 20, 7))
     ours = sliding_window_logits(image, net, InferenceConfig(roi_size=ROI))
     assert ours.shape == (1, 3, 9, 20, 7)
     torch.testing.assert_close(ours, _monai(image, net), atol=1e-5, rtol=1e-5)
-
-
-def _plain(image, net, **kw):
-    return sliding_window_logits(image, net, InferenceConfig(roi_size=ROI, **kw))
 
 
 @pytest.mark.parametrize(
@@ -94,75 +69,32 @@ def _plain(image, net, **kw):
     ],
 )
 def test_levers_match_plain_path(lever):
-    net, image = _net(), _image((2, 1, 27, 20, 15))
-    reference = _plain(image, net)
-    torch.testing.assert_close(_plain(image, net, **lever), reference, atol=1e-5, rtol=1e-5)
+    net, image = conv_net(), random_image((2, 1, 27, 20, 15))
+    reference = plain_logits(image, net)
+    torch.testing.assert_close(plain_logits(image, net, **lever), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_low_precision_levers_stay_close():
-    net, image = _net(), _image()
-    reference = _plain(image, net)
-    half_acc = _plain(image, net, accumulate_dtype="float16")
+    net, image = conv_net(), random_image()
+    reference = plain_logits(image, net)
+    half_acc = plain_logits(image, net, accumulate_dtype="float16")
     torch.testing.assert_close(half_acc, reference, atol=5e-3, rtol=5e-3)
-    bf16 = _plain(image, net, amp_on_cpu=True)
+    bf16 = plain_logits(image, net, amp_on_cpu=True)
     assert (bf16.argmax(1) == reference.argmax(1)).float().mean() > 0.97
     assert (bf16 - reference).abs().max() < 0.1
     # amp=True alone is a CUDA lever: on CPU it changes nothing.
-    assert torch.equal(_plain(image, net, amp=True), _plain(image, net, amp=False))
-
-
-def test_compile_failure_falls_back_to_eager_and_is_remembered(monkeypatch):
-    calls = {"n": 0}
-
-    def broken_compile(module, **kwargs):
-        def compiled(x):
-            calls["n"] += 1
-            raise RuntimeError("injected compiler failure")
-
-        return compiled
-
-    monkeypatch.setattr(levers.torch, "compile", broken_compile)
-    net, image = _net(), _image()
-    out = _plain(image, net, compile=True)
-    torch.testing.assert_close(out, _plain(image, net), atol=1e-5, rtol=1e-5)
-    assert calls["n"] == 1  # tried once for the (fixed) window shape, then eager
-    _plain(image, net, compile=True)
-    assert calls["n"] == 1  # the failure is cached with the network
-
-
-def test_compiled_forwards_are_cached_per_network():
-    net, image = _net(), _image()
-    _plain(image, net, compile=True, compile_backend="eager")
-    cached = levers._COMPILED.get(levers.prepare_network(net, fold_batchnorm=True, channels_last=False))[
-        ("eager", None)
-    ]
-    _plain(image, net, compile=True, compile_backend="eager")
-    assert (
-        levers._COMPILED.get(levers.prepare_network(net, fold_batchnorm=True, channels_last=False))[
-            ("eager", None)
-        ]
-        is cached
-    )
-    assert list(cached.status.values()) == [True]  # one window shape, compiled once
-
-
-def _mirror_net(net, axes):
-    class Mirrored(nn.Module):
-        def forward(self, x):
-            return net(x.flip(axes)).flip(axes) if axes else net(x)
-
-    return Mirrored()
+    assert torch.equal(plain_logits(image, net, amp=True), plain_logits(image, net, amp=False))
 
 
 def test_tta_and_ensemble_equal_mean_of_softmax_of_each_pass():
-    image = _image((1, 2, 22, 17, 13))[0]
-    nets = [_net(in_channels=2, seed=0), _net(in_channels=2, seed=5)]
+    image = random_image((1, 2, 22, 17, 13))[0]
+    nets = [conv_net(in_channels=2, seed=0), conv_net(in_channels=2, seed=5)]
     cfg = InferenceConfig(roi_size=ROI, tta=True, sw_batch_size=3)
     probs = predict_probabilities(image, nets, cfg)
     expected = torch.zeros_like(probs)
     for net in nets:
         for axes in MIRROR_AXES:
-            logits = sliding_window_logits(image[None], _mirror_net(net, axes), InferenceConfig(roi_size=ROI))
+            logits = sliding_window_logits(image[None], mirrored(net, axes), InferenceConfig(roi_size=ROI))
             expected += torch.softmax(logits[0], 0)
     expected /= len(nets) * len(MIRROR_AXES)
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
@@ -180,8 +112,34 @@ def test_tta_and_ensemble_equal_mean_of_softmax_of_each_pass():
     torch.testing.assert_close(sequential, probs, atol=1e-5, rtol=1e-5)
 
 
+def test_streamed_members_are_each_pass_and_average_to_the_batched_ensemble():
+    image = random_image((1, 2, 22, 17, 13), seed=4)[0]
+    nets = [conv_net(in_channels=2, seed=0), conv_net(in_channels=2, seed=5)]
+    cfg = InferenceConfig(roi_size=ROI, tta=True, sw_batch_size=3)
+    members: list[MemberOutput] = []
+    streamed = predict_probabilities(image, nets, cfg, on_member=members.append)
+    # folds x mirrors calls, fold-major, mirrors named by spatial axis (0 = X) of the network grid
+    assert [(m.member, m.fold) for m in members] == [(i, i // 8) for i in range(16)]
+    assert [m.mirror_axes for m in members[:8]] == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert [m.mirror_axes for m in members[8:]] == [m.mirror_axes for m in members[:8]]
+    for m in members:
+        assert m.probabilities.dtype == torch.float32 and m.probabilities.shape == (3, 22, 17, 13)
+        engine_axes = tuple(a + 2 for a in m.mirror_axes)
+        logits = plain_logits(image[None], mirrored(nets[m.fold], engine_axes))
+        torch.testing.assert_close(m.probabilities, torch.softmax(logits[0], 0), atol=1e-5, rtol=1e-5)
+    # The hook's tensors are not overwritten by the engine's running sum.
+    kept_mean = torch.stack([m.probabilities for m in members]).mean(0)
+    torch.testing.assert_close(streamed, kept_mean, atol=1e-6, rtol=1e-6)
+    batched = predict_probabilities(image, nets, cfg)
+    torch.testing.assert_close(streamed, batched, atol=1e-5, rtol=1e-5)
+    assert (members[0].probabilities - members[9].probabilities).abs().max() > 1e-3  # members differ
+    # Same code path as the per-pass (memory budget) sweep: bit for bit.
+    per_pass = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI, tta=True, batch_passes=False))
+    assert torch.equal(streamed, per_pass)
+
+
 def test_deep_supervision_output_and_training_mode_restored():
-    base = _net()
+    base = conv_net()
 
     class DeepSupervised(nn.Module):
         def __init__(self):
@@ -193,16 +151,16 @@ def test_deep_supervision_output_and_training_mode_restored():
             return [y, y[:, :, ::2, ::2, ::2] * 0 + 100.0]  # a wrong second head must be ignored
 
     net = DeepSupervised().train()
-    image = _image()
-    out = _plain(image, net)
+    image = random_image()
+    out = plain_logits(image, net)
     assert net.training  # the caller's mode is restored
-    torch.testing.assert_close(out, _plain(image, base), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, plain_logits(image, base), atol=1e-6, rtol=0)
 
 
 def test_inputs_are_not_modified_and_bad_inputs_rejected():
-    net, image = _net(), _image()
+    net, image = conv_net(), random_image()
     before = image.clone()
-    _plain(image, net, stage_input="stream")
+    plain_logits(image, net, stage_input="stream")
     assert torch.equal(image, before)
     with pytest.raises(ValueError):
         sliding_window_logits(image[0], net, InferenceConfig(roi_size=ROI))
@@ -233,17 +191,17 @@ def _cuda_cfg(**kw):
     ],
 )
 def test_cuda_levers_match_cpu(lever):
-    net, image = _net(), _image((2, 1, 37, 29, 23))
-    cpu = _plain(image, net)
-    gpu = sliding_window_logits(image, _net().cuda(), _cuda_cfg(**lever))
+    net, image = conv_net(), random_image((2, 1, 37, 29, 23))
+    cpu = plain_logits(image, net)
+    gpu = sliding_window_logits(image, conv_net().cuda(), _cuda_cfg(**lever))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 def test_cuda_graphs_with_tta_in_chunks_match_cpu():
     """CUDA-graph replays reuse one output buffer; mirrored chunks must not alias it."""
-    nets = [_net(seed=0), _net(seed=1)]
-    image = _image((1, 1, 37, 29, 23))[0]
+    nets = [conv_net(seed=0), conv_net(seed=1)]
+    image = random_image((1, 1, 37, 29, 23))[0]
     cpu = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI, tta=True))
     cfg = _cuda_cfg(amp=False, cuda_graphs=True, tta=True, max_network_batch=3)
     gpu = predict_probabilities(image, [n.cuda() for n in nets], cfg)
@@ -252,10 +210,10 @@ def test_cuda_graphs_with_tta_in_chunks_match_cpu():
 
 @pytest.mark.gpu
 def test_cuda_bf16_graphs_and_compile_agree_with_fp32():
-    image = _image((1, 1, 40, 33, 27))
-    ref = sliding_window_logits(image, _net().cuda(), _cuda_cfg(amp=False))
+    image = random_image((1, 1, 40, 33, 27))
+    ref = sliding_window_logits(image, conv_net().cuda(), _cuda_cfg(amp=False))
     for kw in ({}, {"cuda_graphs": True}, {"compile": True}, {"accumulate_dtype": "float16"}):
-        out = sliding_window_logits(image, _net().cuda(), _cuda_cfg(**kw))
+        out = sliding_window_logits(image, conv_net().cuda(), _cuda_cfg(**kw))
         assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.97, kw
 
 
@@ -272,94 +230,17 @@ def test_cuda_out_of_memory_falls_back_to_host_stitching(monkeypatch):
         return real_zeros(*args, **kwargs)
 
     monkeypatch.setattr(sw.torch, "zeros", zeros)
-    image = _image()
-    out = sliding_window_logits(image, _net().cuda(), _cuda_cfg(amp=False, output_device="device"))
+    image = random_image()
+    out = sliding_window_logits(image, conv_net().cuda(), _cuda_cfg(amp=False, output_device="device"))
     assert out.device.type == "cpu"
     monkeypatch.setattr(sw.torch, "zeros", real_zeros)
-    torch.testing.assert_close(out, _plain(image, _net()), atol=1e-4, rtol=1e-4)
-
-
-def _bn_net() -> nn.Module:
-    from monai.networks.nets import AttentionUnet
-
-    torch.manual_seed(3)
-    net = AttentionUnet(3, 1, 3, channels=(4, 8, 8), strides=(2, 2))
-    with torch.no_grad():  # non-trivial running statistics, as after training
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
-
-
-def test_batchnorm_folding_matches_and_leaves_the_callers_network_alone():
-    net = _bn_net()
-    n_bn = sum(isinstance(m, nn.BatchNorm3d) for m in net.modules())
-    folded = levers.fold_batchnorm_into_convs(net)
-    assert n_bn > 0 and folded is not net
-    assert sum(isinstance(m, nn.BatchNorm3d) for m in folded.modules()) < n_bn // 2
-    assert sum(isinstance(m, nn.BatchNorm3d) for m in net.modules()) == n_bn
-    x = _image((2, 1, 16, 16, 16))
-    with torch.inference_mode():
-        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-4)
-    image = _image((1, 1, 20, 18, 17))
-    cfg = dict(roi_size=(16, 16, 16))
-    plain = sliding_window_logits(image, net, InferenceConfig(**cfg, fold_batchnorm=False))
-    fast = sliding_window_logits(image, net, InferenceConfig(**cfg, fold_batchnorm=True, channels_last=True))
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
-    assert next(net.parameters()).is_contiguous()  # the caller's weights keep their layout
-
-
-def test_prepared_copy_is_refreshed_when_weights_change():
-    net = _bn_net()
-    first = levers.prepare_network(net, fold_batchnorm=True, channels_last=False)
-    assert levers.prepare_network(net, fold_batchnorm=True, channels_last=False) is first
-    image = _image((1, 1, 16, 16, 16))
-    before = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16)))
-    with torch.no_grad():  # an optimizer step between two validations
-        for p in net.parameters():
-            p.mul_(1.1)
-    assert levers.prepare_network(net, fold_batchnorm=True, channels_last=False) is not first
-    after = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16)))
-    unfolded = sliding_window_logits(image, net, InferenceConfig(roi_size=(16, 16, 16), fold_batchnorm=False))
-    torch.testing.assert_close(after, unfolded, atol=1e-5, rtol=1e-4)
-    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(out, plain_logits(image, conv_net()), atol=1e-4, rtol=1e-4)
 
 
 def test_results_are_ordinary_tensors_the_caller_can_update_in_place():
-    net, image = _net(), _image((1, 1, 20, 14, 12))
+    net, image = conv_net(), random_image((1, 1, 20, 14, 12))
     probs = predict_probabilities(image[0], [net], InferenceConfig(roi_size=ROI))
     probs.mul_(2.0)  # would raise on an inference-mode tensor
     logits = sliding_window_logits(image, net, InferenceConfig(roi_size=ROI))
     logits.add_(1.0)
     assert not probs.requires_grad and not logits.requires_grad
-
-
-def test_module_cache_is_bounded_and_ignores_dead_ids():
-    cache = levers.ModuleCache(max_modules=2)
-    nets = [_net(seed=i) for i in range(3)]
-    for i, n in enumerate(nets):
-        cache.set(n, i)
-    assert cache.get(nets[0]) is None  # evicted: at most 2 modules are pinned
-    assert cache.get(nets[1]) == 1 and cache.get(nets[2]) == 2
-    other = _net(seed=9)
-    assert cache.get(other) is None
-
-
-def test_chunked_calls_survive_a_forward_that_reuses_its_output_buffer():
-    """A CUDA-graph forward returns the same static buffer on every replay; chunks of a TTA
-    batch must be copied out before the next chunk overwrites it."""
-    net = _net()
-
-    def graph_like(x: torch.Tensor, _static: dict = {}) -> torch.Tensor:  # noqa: B006 - the point
-        y = net(x)
-        buf = _static.get(tuple(y.shape))
-        if buf is None:
-            buf = _static[tuple(y.shape)] = torch.empty_like(y)
-        return buf.copy_(y)
-
-    x = torch.randn(7, 1, *ROI, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = net(x)
-        got = levers.NetworkRunner._chunked(graph_like, x, step=2)  # chunks 2, 2, 2, 1
-    torch.testing.assert_close(got, expected)

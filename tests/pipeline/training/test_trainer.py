@@ -10,10 +10,12 @@ import torch
 import pipeline.training.trainer as trainer
 from pipeline.tracking import Tracker
 from pipeline.training.checkpoint import BEST, LAST, load_checkpoint
+from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData
-from pipeline.training.trainer import TrainConfig, train_fold
+from pipeline.training.trainer import train_fold
+from preprocessing.fingerprint import fingerprint_dataset
 from preprocessing.msd import read_msd_dataset
-from preprocessing.plan import PlanConfig, fingerprint_dataset, make_plan
+from preprocessing.plan import PlanConfig, make_plan
 from preprocessing.synthetic import write_msd_dataset
 from preprocessing.transforms import AugmentConfig, case_to_item
 
@@ -103,6 +105,25 @@ def test_resume_can_extend_epochs_with_poly_schedule(fold, tmp_path):
     lrs = dict(tracker.metric_history("lr"))
     assert lrs[1] == pytest.approx(1e-2)
     assert lrs[3] == pytest.approx(1e-2 * (1 - 2 / 3) ** 0.9, rel=1e-4)  # poly over the new length
+
+
+def test_checkpoint_pickles_no_class_of_ours(fold, tmp_path):
+    """Resume never depends on our class names (renames such as _Loop -> TrainingState stay safe)."""
+    import pickletools
+    import zipfile
+
+    data, plan = fold
+    config = TrainConfig(**{**CONFIG.__dict__, "epochs": 1, "lr_schedule": "constant"})
+    train_fold(data, plan, config, tmp_path / "c", Tracker("exp-trainer").start_run("classes"))
+    with zipfile.ZipFile(tmp_path / "c" / LAST) as archive:
+        pickle = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    globals_ = [
+        str(arg) for op, arg, _ in pickletools.genops(pickle) if op.name in ("GLOBAL", "STACK_GLOBAL")
+    ]
+    strings = [str(arg) for op, arg, _ in pickletools.genops(pickle) if isinstance(arg, str)]
+    modules = {s for s in globals_ + strings if s.split(".")[0] in ("pipeline", "networks", "preprocessing")}
+    assert not modules, modules
+    assert "collections OrderedDict" in globals_ or "torch._utils _rebuild_tensor_v2" in globals_
 
 
 @pytest.mark.gpu

@@ -3,7 +3,8 @@
 The source series are written here with plain pydicom (independent of the project's synthetic
 generator), with shuffled file names and InstanceNumbers, anisotropic in-plane spacing and axial,
 sagittal and oblique orientations. SimpleITK confirms the test's own grid convention; highdicom
-reads the SEG back per source instance and as a world-placed volume.
+reads the SEG back per source instance and as a world-placed volume. The writer takes the
+files, headers and slice order from the reader (``read_dicom_series(paths).dicom``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipeline.writers.dicom_seg import write_dicom_seg
+from preprocessing.dicom.series import read_dicom_series
 from preprocessing.errors import GeometryError
+from preprocessing.image import DicomSource
 
 SHAPE = (20, 14, 9)  # (X=columns, Y=rows, Z=slices)
 SPACING = (0.6, 0.9, 2.5)  # column spacing, row spacing, slice spacing (mm): all different
@@ -99,6 +102,13 @@ def _asymmetric_mask() -> np.ndarray:
     return mask
 
 
+def _source(paths) -> DicomSource:
+    """The reader's record of the files, headers and slice order of ``paths`` (any order)."""
+    source = read_dicom_series(list(paths)).dicom
+    assert source is not None
+    return source
+
+
 def _seg_in_our_grid(seg, affine_lps) -> np.ndarray:
     """Place highdicom's world-positioned SEG volume back onto our (i, j, k) grid via world coordinates."""
     vol = seg.get_volume(combine_segments=True, relabel=False)
@@ -128,7 +138,9 @@ def test_seg_lands_on_the_same_voxels(tmp_path, orientation):
 
     mask = _asymmetric_mask()
     shuffled = [paths[i] for i in np.random.default_rng(2).permutation(len(paths))]
-    out = write_dicom_seg(mask, shuffled, LABELS, tmp_path / "out" / "seg.dcm", algorithm_version="9.9")
+    out = write_dicom_seg(
+        mask, _source(shuffled), LABELS, tmp_path / "out" / "seg.dcm", algorithm_version="9.9"
+    )
 
     seg = hd.seg.segread(out)
     assert [seg.get_segment_description(n).segment_label for n in seg.segment_numbers] == ["liver", "lesion"]
@@ -159,7 +171,7 @@ def test_multiframe_source(tmp_path):
     enhanced.save_as(mf_path, enforce_file_format=True)
 
     mask = _asymmetric_mask()
-    out = write_dicom_seg(mask, [mf_path], LABELS, tmp_path / "seg.dcm")
+    out = write_dicom_seg(mask, _source([mf_path]), LABELS, tmp_path / "seg.dcm")
     seg = hd.seg.segread(out)
     assert np.array_equal(_seg_in_our_grid(seg, affine), np.where(mask == 3, 2, mask))
     assert seg.SeriesInstanceUID != enhanced.SeriesInstanceUID
@@ -168,10 +180,11 @@ def test_multiframe_source(tmp_path):
 def test_empty_mask_and_bad_shapes(tmp_path):
     files = _write_series(tmp_path / "src", _affine_lps("axial"), np.zeros(SHAPE))
     paths = [p for p, _ in files]
-    out = write_dicom_seg(np.zeros(SHAPE, np.uint8), paths, LABELS, tmp_path / "empty.dcm")
+    source = _source(paths)
+    out = write_dicom_seg(np.zeros(SHAPE, np.uint8), source, LABELS, tmp_path / "empty.dcm")
     assert not hd.seg.segread(out).pixel_array.any()
     with pytest.raises(GeometryError, match="does not match"):
-        write_dicom_seg(np.zeros(SHAPE[::-1], np.uint8), paths, LABELS, tmp_path / "bad.dcm")
+        write_dicom_seg(np.zeros(SHAPE[::-1], np.uint8), source, LABELS, tmp_path / "bad.dcm")
     assert not (tmp_path / "bad.dcm").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left behind
 
@@ -180,7 +193,7 @@ def test_dciodvfy_reports_no_errors(tmp_path):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not on PATH (Debian/Ubuntu: apt-get install dicom3tools)")
     files = _write_series(tmp_path / "src", _affine_lps("oblique"), np.zeros(SHAPE))
-    out = write_dicom_seg(_asymmetric_mask(), [p for p, _ in files], LABELS, tmp_path / "seg.dcm")
+    out = write_dicom_seg(_asymmetric_mask(), _source(p for p, _ in files), LABELS, tmp_path / "seg.dcm")
     result = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True, timeout=60)
     report = result.stdout + result.stderr
     errors = [line for line in report.splitlines() if line.startswith("Error")]
@@ -209,7 +222,8 @@ def test_with_project_generator_and_reader(tmp_path, layout):
     volume = series.read_dicom_series(list(paths))
     mask = _asymmetric_mask()
     assert volume.spatial_shape == mask.shape
-    out = write_dicom_seg(mask, paths, LABELS, tmp_path / "seg.dcm")
+    assert volume.dicom is not None
+    out = write_dicom_seg(mask, volume.dicom, LABELS, tmp_path / "seg.dcm")
     affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.affine_ras
     assert np.array_equal(_seg_in_our_grid(hd.seg.segread(out), affine_lps), np.where(mask == 3, 2, mask))
 
@@ -221,36 +235,33 @@ def test_labelmap_type_round_trip(tmp_path):
     files = _write_series(tmp_path / "src", affine, np.zeros(SHAPE))
     mask = _asymmetric_mask()
     out = write_dicom_seg(
-        mask, [p for p, _ in files], LABELS, tmp_path / "seg.dcm", segmentation_type="LABELMAP"
+        mask, _source(p for p, _ in files), LABELS, tmp_path / "seg.dcm", segmentation_type="LABELMAP"
     )
     seg = hd.seg.segread(out)
     assert seg.SegmentationType == "LABELMAP"
     assert np.array_equal(_seg_in_our_grid(seg, affine), np.where(mask == 3, 2, mask))
 
 
-def test_headers_from_the_reader_give_the_same_seg(tmp_path):
-    """The SEG built from the reader's parsed headers equals the one built by re-reading the files."""
-    from preprocessing.dicom.series import read_dicom_series
-
+def test_the_readers_slice_order_is_the_segs_frame_order(tmp_path):
+    """The writer sorts nothing: frame ``frame_of_slice[k]`` (file k) gets mask slice k."""
     affine = _affine_lps("sagittal")
-    image = np.random.default_rng(5).integers(-100, 200, SHAPE)
-    files = _write_series(tmp_path / "src", affine, image)
-    paths = [p for p, _ in files]
-    shuffled = [paths[i] for i in np.random.default_rng(6).permutation(len(paths))]
-    volume = read_dicom_series(shuffled)
-    headers = volume.meta["headers"]
-    assert len(headers) == len(paths) and all("PixelData" not in ds for ds in headers)
+    files = _write_series(tmp_path / "src", affine, np.random.default_rng(5).integers(-100, 200, SHAPE))
+    shuffled = [files[i] for i in np.random.default_rng(6).permutation(len(files))]
+    source = _source(p for p, _ in shuffled)
+    assert all("PixelData" not in ds for ds in source.headers)  # headers only: no second parse
+    # Handing the slices over in another order moves the segments with them: nothing re-sorts them.
+    reversed_source = DicomSource(source.files[::-1], source.headers[::-1], source.frame_of_slice)
     mask = _asymmetric_mask()
-    from_files = hd.seg.segread(write_dicom_seg(mask, shuffled, LABELS, tmp_path / "a.dcm"))
-    from_headers = hd.seg.segread(
-        write_dicom_seg(mask, shuffled, LABELS, tmp_path / "b.dcm", source_headers=headers)
-    )
-    uids = [uid for _, uid in files]
-    np.testing.assert_array_equal(
-        from_headers.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True),
-        from_files.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True),
-    )
-    for attribute in ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "NumberOfFrames"):
-        assert from_headers.get(attribute) == from_files.get(attribute), attribute
-    with pytest.raises(GeometryError, match="headers"):
-        write_dicom_seg(mask, shuffled, LABELS, tmp_path / "c.dcm", source_headers=headers[:-1])
+    seg = hd.seg.segread(write_dicom_seg(mask, reversed_source, LABELS, tmp_path / "reversed.dcm"))
+    uids = [str(ds.SOPInstanceUID) for ds in source.headers]  # slice order k
+    per_instance = seg.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True)
+    assert np.array_equal(per_instance[..., 0], (mask == 1).transpose(2, 1, 0)[::-1])
+
+
+def test_a_slice_order_that_is_not_one_slice_per_frame_is_refused(tmp_path):
+    files = _write_series(tmp_path / "src", _affine_lps("axial"), np.zeros(SHAPE))
+    source = _source(p for p, _ in files)
+    broken = DicomSource(source.files, source.headers, (0,) * len(source.files))
+    with pytest.raises(GeometryError, match="one slice per frame"):
+        write_dicom_seg(_asymmetric_mask(), broken, LABELS, tmp_path / "bad.dcm")
+    assert not (tmp_path / "bad.dcm").exists()

@@ -22,9 +22,14 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from preprocessing.dicom.series import read_dicom_series
 from preprocessing.errors import IngestError
 from preprocessing.image import lps_to_ras
-from preprocessing.synthetic import DicomSeriesSpec, make_phantom, orientation_affine, write_dicom_series
-from preprocessing.synthetic.dicom import stored_values
-from preprocessing.synthetic.enhanced import write_enhanced_dicom
+from preprocessing.synthetic import (
+    DicomSeriesSpec,
+    make_phantom,
+    orientation_affine,
+    stored_values,
+    write_dicom_series,
+    write_enhanced_dicom,
+)
 
 SHAPE = (40, 32, 12)
 SPACING = (0.7, 0.9, 2.0)
@@ -84,7 +89,9 @@ def test_slice_files_follow_position_not_names(tmp_path):
     files, affine, _, _ = _series(tmp_path, "axial")
     volume = read_dicom_series(list(reversed(files)))
     # write_dicom_series returns files in k order; InstanceNumbers and names are shuffled.
-    assert [Path(p) for p in volume.meta["slice_files"]] == files
+    assert volume.dicom is not None and list(volume.dicom.files) == files
+    assert volume.dicom.frame_of_slice == tuple(range(len(files))) and not volume.dicom.multiframe
+    assert not hasattr(volume, "meta")  # the DICOM source is typed (Volume.dicom)
     np.testing.assert_allclose(volume.affine_ras, affine, atol=1e-3)
 
 
@@ -146,8 +153,12 @@ def test_enhanced_multiframe_matches_single_frame(tmp_path, orientation):
     multi = read_dicom_series([path])
     assert np.array_equal(multi.array, single.array)
     np.testing.assert_allclose(multi.affine_ras, affine, atol=1e-3)
-    assert sorted(multi.meta["frame_order"]) == list(range(SHAPE[2]))
-    assert multi.meta["frame_order"] != tuple(range(SHAPE[2]))  # frames really were shuffled
+    assert multi.dicom is not None and multi.dicom.multiframe and multi.dicom.files == (path,)
+    assert sorted(multi.dicom.frame_of_slice) == list(range(SHAPE[2]))
+    assert multi.dicom.frame_of_slice != tuple(range(SHAPE[2]))  # frames really were shuffled
+    # The header kept for the SEG writer must not keep the pixel data alive.
+    (header,) = multi.dicom.headers
+    assert "PixelData" not in header and getattr(header, "_pixel_array", None) is None
 
 
 def test_per_slice_rescale_and_fractional_slope(tmp_path):

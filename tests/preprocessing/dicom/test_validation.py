@@ -194,7 +194,7 @@ def test_enhanced_object_without_frames_is_a_clear_error(tmp_path):
 
 
 def test_reader_refuses_files_of_two_frames_of_reference_without_quoting_values(tmp_path):
-    from preprocessing.synthetic.faults import write_bad_shared_series_uid
+    from preprocessing.synthetic import write_bad_shared_series_uid
 
     for differ in ("FrameOfReferenceUID", "PatientID"):
         files_a, files_b = write_bad_shared_series_uid(tmp_path / differ, differ=differ, shape=SHAPE)
@@ -218,7 +218,7 @@ def test_reader_refuses_files_of_two_frames_of_reference_without_quoting_values(
     ],
 )
 def test_reader_names_the_tag_of_a_bad_value(tmp_path, keyword, value, message):
-    from preprocessing.synthetic.faults import write_bad_slice_attribute
+    from preprocessing.synthetic import write_bad_slice_attribute
 
     files = write_bad_slice_attribute(tmp_path / "s", keyword=keyword, value=value, shape=SHAPE)
     with pytest.raises(GeometryError, match=message):
@@ -232,7 +232,7 @@ def test_slice_spacing_from_positions_must_be_plausible():
 
 
 def test_palette_color_is_refused(tmp_path):
-    from preprocessing.synthetic.faults import write_bad_palette_color
+    from preprocessing.synthetic import write_bad_palette_color
 
     files = write_bad_palette_color(tmp_path / "s", shape=SHAPE)
     assert pydicom.dcmread(files[0]).PhotometricInterpretation == "PALETTE COLOR"

@@ -24,11 +24,11 @@ from preprocessing.synthetic import (
     DicomSeriesSpec,
     make_phantom,
     orientation_affine,
+    stored_values,
     write_dicom_series,
     write_enhanced_dicom,
     write_text_sr,
 )
-from preprocessing.synthetic.dicom import stored_values
 
 SHAPE = (32, 36, 8)  # >= 32 pixels in plane: the JPEG 2000 encoder needs it
 SPACING = (0.8, 1.1, 2.5)  # anisotropic in plane: a PixelSpacing swap changes the geometry

@@ -1,29 +1,20 @@
-"""Deliberately broken inputs for ingestion tests: each ``write_bad_*`` writes one fault.
+"""Deliberately broken DICOM series for ingestion tests: each ``write_bad_*`` writes one fault.
 
-Every DICOM fault starts from a small valid CT axial series (seeded phantom, ``shape`` default
-``(32, 32, 12)``, 0.8 x 1.1 x 2.5 mm) written with ordered names ``slice_000.dcm``..., then
-damages it. Each function returns the paths it wrote (all files of the series folder, or the one
-NIfTI file). The docstrings say what a careful reader should decide.
-
-Public: ``write_bad_gap_series``, ``write_bad_duplicate_instance``, ``write_bad_localizer_in_series``,
-``write_bad_mismatched_size``, ``write_bad_truncated_pixels``, ``write_bad_gantry_tilt``,
-``write_bad_path_traversal``, ``write_bad_nan_nifti``, ``write_bad_truncated_nifti``,
-``write_bad_shared_series_uid``, ``write_bad_slice_attribute``, ``write_bad_palette_color``,
-``write_bad_truncated_header``, ``write_bad_single_slice``, ``write_bad_4d_nifti``,
-``write_bad_oversized_nifti``, ``write_bad_special_files``, ``write_bad_symlinks``.
+Every fault starts from a small valid CT axial series (seeded phantom, ``shape`` default
+:data:`FAULT_SHAPE`, :data:`FAULT_SPACING_MM`) written with ordered names ``slice_000.dcm``...,
+then damages it. Each function returns the paths it wrote (all files of the series folder). The
+docstrings say what a careful reader should decide. Broken NIfTI files and file-system traps are
+in :mod:`preprocessing.synthetic.file_faults`.
 """
 
 from __future__ import annotations
 
-import gzip
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -35,11 +26,11 @@ from preprocessing.synthetic.dicom import (
     save_dataset,
     write_dicom_series,
 )
-from preprocessing.synthetic.nifti import write_nifti
 from preprocessing.synthetic.phantom import make_phantom, orientation_affine
 
-_SHAPE = (32, 32, 12)
-_SPACING = (0.8, 1.1, 2.5)
+#: ``(X, Y, Z)`` voxels of every fault's grid, and its spacing (anisotropic: axes can't be confused).
+FAULT_SHAPE = (32, 32, 12)
+FAULT_SPACING_MM = (0.8, 1.1, 2.5)
 EVIL_TEXT = "../../etc/evil"
 """Header value with path-traversal characters used by :func:`write_bad_path_traversal`."""
 
@@ -48,7 +39,7 @@ def _good_series(
     out_dir: str | Path, seed: int, spec: DicomSeriesSpec | None, shape: tuple[int, int, int]
 ) -> tuple[list[Path], DicomSeriesSpec]:
     spec = spec or DicomSeriesSpec(seed=seed, series_description="SYNTH FAULT")
-    affine = orientation_affine("axial", _SPACING, shape=shape)
+    affine = orientation_affine("axial", FAULT_SPACING_MM, shape=shape)
     image, _ = make_phantom(shape, modality=spec.modality, seed=seed, affine_ras=affine)
     return write_dicom_series(image, affine, out_dir, spec), spec
 
@@ -58,7 +49,7 @@ def write_bad_gap_series(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series with one interior slice missing (IPP step doubles once): gap -> refuse or flag.
 
@@ -75,7 +66,7 @@ def write_bad_duplicate_instance(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series plus a byte-identical copy of one slice under another name (repeated SOPInstanceUID).
 
@@ -93,7 +84,7 @@ def write_bad_localizer_in_series(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series plus a sagittal "localizer" slice with the *same* SeriesInstanceUID (two IOPs).
 
@@ -120,7 +111,7 @@ def write_bad_mismatched_size(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series where one slice has 4 fewer Columns than the others (cropped pixel data).
 
@@ -140,7 +131,7 @@ def write_bad_truncated_pixels(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series where the last half of one file's bytes is cut off (truncated Pixel Data).
 
@@ -158,7 +149,7 @@ def write_bad_gantry_tilt(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
     tilt_deg: float = 15.0,
 ) -> list[Path]:
     """An axial series whose IPP steps are not parallel to the slice normal (gantry tilt / shear).
@@ -168,7 +159,7 @@ def write_bad_gantry_tilt(
     with an orthogonal affine. Returns all files.
     """
     paths, _ = _good_series(out_dir, seed, spec, shape)
-    shift_per_slice = _SPACING[2] * np.tan(np.deg2rad(tilt_deg))
+    shift_per_slice = FAULT_SPACING_MM[2] * np.tan(np.deg2rad(tilt_deg))
     for k, path in enumerate(paths):  # write_dicom_series returns files in slice order k
         ds = pydicom.dcmread(path)
         ipp = [float(v) for v in ds.ImagePositionPatient]
@@ -184,7 +175,7 @@ def write_bad_path_traversal(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A valid series whose PatientID, PatientName, SeriesDescription and StudyDescription are
     ``"../../etc/evil"`` (:data:`EVIL_TEXT`). Any output path built from them must be sanitised.
@@ -202,33 +193,6 @@ def write_bad_path_traversal(
     return paths
 
 
-def write_bad_nan_nifti(
-    path: str | Path, seed: int = 0, *, fraction: float = 1.0, shape: tuple[int, int, int] = _SHAPE
-) -> Path:
-    """A float32 NIfTI whose first ``fraction`` of slices (all by default) are NaN.
-
-    A reader should refuse it (or report non-finite voxels); never feed NaN to a network.
-    """
-    affine = orientation_affine("axial", _SPACING, shape=shape)
-    image, _ = make_phantom(shape, seed=seed, affine_ras=affine)
-    n_bad = max(1, int(round(fraction * shape[2])))
-    image[:, :, :n_bad] = np.nan
-    return write_nifti(image, affine, path)
-
-
-def write_bad_truncated_nifti(
-    path: str | Path, seed: int = 0, *, shape: tuple[int, int, int] = _SHAPE
-) -> Path:
-    """A ``.nii.gz`` cut to half its bytes (corrupt gzip stream): the header may load, data does not."""
-    path = Path(path)
-    affine = orientation_affine("axial", _SPACING, shape=shape)
-    image, _ = make_phantom(shape, seed=seed, affine_ras=affine)
-    write_nifti(image, affine, path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
 def _edit_files(paths: list[Path], edit: Callable[[int, Dataset], None]) -> None:
     for k, path in enumerate(paths):
         ds = pydicom.dcmread(path)
@@ -242,7 +206,7 @@ def write_bad_shared_series_uid(
     *,
     differ: str = "FrameOfReferenceUID",
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> tuple[list[Path], list[Path]]:
     """Two stacks in ``out_dir/a`` and ``out_dir/b`` with ONE SeriesInstanceUID that differ in ``differ``.
 
@@ -260,7 +224,7 @@ def write_bad_shared_series_uid(
     spec_a = spec or DicomSeriesSpec(seed=seed, series_description="SYNTH FAULT")
     files_a, spec_a = _good_series(Path(out_dir) / "a", seed, spec_a, shape)
     spec_b = replace(spec_a, **changes)
-    affine = orientation_affine("axial", _SPACING, shape=shape)
+    affine = orientation_affine("axial", FAULT_SPACING_MM, shape=shape)
     affine[:3, 3] += affine[:3, 2] * shape[2]  # b starts where a ends
     image, _ = make_phantom(shape, modality=spec_b.modality, seed=seed + 1, affine_ras=affine)
     files_b = write_dicom_series(image, affine, Path(out_dir) / "b", spec_b)
@@ -280,7 +244,7 @@ def write_bad_slice_attribute(
     value: Any,
     slices: str = "all",
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series whose ``keyword`` is set to ``value`` (None deletes it) in ``slices``: "all" or "last".
 
@@ -309,7 +273,7 @@ def write_bad_palette_color(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series stored as PALETTE COLOR (8-bit palette indices plus a grey-ramp-free colour LUT).
 
@@ -341,7 +305,7 @@ def write_bad_truncated_header(
     seed: int = 0,
     *,
     spec: DicomSeriesSpec | None = None,
-    shape: tuple[int, int, int] = _SHAPE,
+    shape: tuple[int, int, int] = FAULT_SHAPE,
 ) -> list[Path]:
     """A series whose LAST file is cut inside its header, after SeriesInstanceUID, before Rows.
 
@@ -367,66 +331,3 @@ def write_bad_single_slice(
     """A series of ONE slice (``size`` x ``size``): a 2D image with 3D geometry. Returns its file."""
     paths, _ = _good_series(out_dir, seed, spec, (size, size, 1))
     return paths
-
-
-def write_bad_4d_nifti(
-    path: str | Path, seed: int = 0, *, n_volumes: int = 3, shape: tuple[int, int, int] = _SHAPE
-) -> Path:
-    """A float32 NIfTI of shape (x, y, z, ``n_volumes``): a time series, not the channels of one image."""
-    affine = orientation_affine("axial", _SPACING, shape=shape)
-    image, _ = make_phantom(shape, seed=seed, affine_ras=affine)
-    stack = np.stack([image + 10.0 * t for t in range(n_volumes)], axis=-1).astype(np.float32)
-    return write_nifti(stack, affine, path)
-
-
-def write_bad_oversized_nifti(
-    path: str | Path, *, declared_shape: tuple[int, int, int] = (2048, 2048, 1024)
-) -> Path:
-    """A NIfTI whose header declares ``declared_shape`` int16 (8 GiB by default) but holds 1 KiB of data.
-
-    ``.nii`` or ``.nii.gz`` by the suffix. A reader must compare the declared size with the file
-    before allocating it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = nib.Nifti1Header()
-    header.set_data_shape(declared_shape)
-    header.set_data_dtype(np.int16)
-    header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
-    header.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
-    header["vox_offset"] = 352
-    payload = header.binaryblock + b"\0" * 4 + b"\1" * 1024
-    if path.name.endswith(".gz"):
-        with gzip.GzipFile(path, "wb", mtime=0) as fh:
-            fh.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
-
-
-def write_bad_special_files(out_dir: str | Path) -> list[Path]:
-    """A named pipe (FIFO) ``scan.dcm`` and ``image.nii.gz`` in ``out_dir``: opening one blocks for ever."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "scan.dcm", out / "image.nii.gz"]
-    for path in paths:
-        os.mkfifo(path)
-    return paths
-
-
-def write_bad_symlinks(out_dir: str | Path, target: str | Path) -> dict[str, Path]:
-    """Links in ``out_dir``: a loop to the folder itself, a self-loop, a broken link, and a link to
-    the folder ``target`` (outside ``out_dir``; followed once). Returns name -> link path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    links = {
-        "dir_loop": out / "back_to_parent",
-        "self_loop": out / "self_loop.dcm",
-        "broken": out / "broken.nii.gz",
-        "outside": out / "linked_series",
-    }
-    links["dir_loop"].symlink_to(".", target_is_directory=True)
-    links["self_loop"].symlink_to(links["self_loop"].name)
-    links["broken"].symlink_to("does_not_exist.nii.gz")
-    links["outside"].symlink_to(os.path.abspath(target), target_is_directory=True)
-    return links

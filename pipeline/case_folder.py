@@ -1,0 +1,90 @@
+"""A case's output folder: private staging, the atomic publish, and resume.
+
+Atomicity: every output of a case is written into a private staging folder
+``OUT/.staging/<case_id>.<pid>.<thread>/`` and the folder is renamed to ``OUT/<case_id>/`` as the
+very last step. A rename of a directory is atomic on POSIX file systems, so a case folder either
+exists complete (with ``case.json``, its row of ``cases.csv``) or not at all; a SIGKILL at any
+moment leaves at most a staging folder, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.case_row import CaseRow
+
+CASE_RECORD = "case.json"
+STAGING = ".staging"
+
+
+def case_is_done(out_dir: Path, case_id: str, model_fingerprint: str = "") -> bool:
+    """True when a previous run finished this case (ok or deliberately skipped) with this model.
+
+    Failed cases publish no folder, so a rerun retries them; a case finished by a different
+    model (another ``model_fingerprint``) counts as not done, so its outputs are replaced.
+    """
+    record = Path(out_dir) / case_id / CASE_RECORD
+    if not record.is_file():
+        return False
+    return (
+        not model_fingerprint or json.loads(record.read_text()).get("model_fingerprint") == model_fingerprint
+    )
+
+
+def read_case_record(out_dir: Path, case_id: str) -> CaseRow:
+    """The row of a finished case, from its ``case.json``."""
+    return CaseRow.from_record(json.loads((Path(out_dir) / case_id / CASE_RECORD).read_text()))
+
+
+def clean_staging(out_dir: Path) -> int:
+    """Delete staging folders left by a killed run. Returns how many were removed."""
+    staging = Path(out_dir) / STAGING
+    if not staging.is_dir():
+        return 0
+    leftovers = list(staging.iterdir())
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(leftovers)
+
+
+def remove_empty_staging(out_dir: Path) -> None:
+    """Remove ``OUT/.staging`` once the batch is over and it is empty (a rerun makes it again)."""
+    try:
+        (Path(out_dir) / STAGING).rmdir()
+    except OSError:  # absent, or holds a folder another run is still writing
+        pass
+
+
+def staging_folder(out_dir: Path, case_id: str) -> Path:
+    """This process's and thread's private staging folder of a case (not created here)."""
+    return Path(out_dir) / STAGING / f"{case_id}.{os.getpid()}.{threading.get_ident()}"
+
+
+def publish_case(row: CaseRow, staging: Path, out_dir: Path) -> None:
+    """Write the case record into staging, then rename the whole folder into place."""
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / CASE_RECORD).write_text(json.dumps(row.to_record(), indent=1, default=_json_default))
+    final = Path(out_dir) / row.case_id
+    if final.exists():  # made by another model: move it aside, put the new one in, then delete it
+        stale = staging.with_name(staging.name + ".old")
+        os.replace(final, stale)
+        os.replace(staging, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
