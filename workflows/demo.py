@@ -29,7 +29,7 @@ from pipeline.training.config import TrainConfig
 from preprocessing.plan import PlanConfig
 from preprocessing.synthetic import LABEL_NAMES, write_hospital_folder, write_msd_dataset
 from workflows.evaluate import EvaluateConfig, run_evaluate
-from workflows.exit_codes import EXIT_BAD_ARGS, EXIT_INTERRUPTED, EXIT_PARTIAL
+from workflows.exit_codes import EXIT_BAD_ARGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from workflows.ingest import IngestConfig, run_ingest
 from workflows.predict import PredictConfig, run_predict
 from workflows.train import CrossValidationJob, run_train
@@ -64,7 +64,8 @@ def demo_command(args: argparse.Namespace) -> int:
     print(f"  hospital folder: {hospital}\n  training set:    {msd}")
 
     _step(2, "medseg ingest (DICOM/NIfTI -> NIfTI + manifest)")
-    _run_step("ingest", run_ingest, IngestConfig(hospital, out / "ingested", args.workers), allowed=(0, 3))
+    ingest = IngestConfig(hospital, out / "ingested", args.workers)
+    _run_step("ingest", run_ingest, ingest, allowed=(EXIT_OK, EXIT_PARTIAL))
 
     _step(3, f"medseg train (2 folds x {epochs} epochs, register {DEMO_MODEL})")
     _run_step("train", run_train, _train_job(out, msd, epochs))
@@ -80,18 +81,18 @@ def demo_command(args: argparse.Namespace) -> int:
         experiment="medseg-demo-predict",
         workers=args.workers,
     )
-    _run_step("predict", run_predict, predict, allowed=(0, 3))
+    _run_step("predict", run_predict, predict, allowed=(EXIT_OK, EXIT_PARTIAL))
 
     _step(5, "medseg evaluate")
     evaluate = EvaluateConfig(predictions, truth, out / "metrics.csv")
-    if _run_step("evaluate", run_evaluate, evaluate, allowed=(0, 3)) == EXIT_PARTIAL:
+    if _run_step("evaluate", run_evaluate, evaluate, allowed=(EXIT_OK, EXIT_PARTIAL)) == EXIT_PARTIAL:
         print(
             "  (error rows are references without a prediction; here that is expected for the MR"
             " series, which the CT model skips on purpose -- see predictions/cases.csv)"
         )
 
     _print_summary(out, predictions, time.perf_counter() - t0)
-    return 0
+    return EXIT_OK
 
 
 def _write_demo_data(out: Path) -> tuple[Path, Path, Path]:
@@ -131,7 +132,7 @@ def _train_job(out: Path, msd: Path, epochs: int) -> CrossValidationJob:
     )
 
 
-def _run_step(step: str, job: Callable[[Any], int], config: Any, allowed: tuple[int, ...] = (0,)) -> int:
+def _run_step(step: str, job: Callable[[Any], int], config: Any, allowed: tuple[int, ...] = (EXIT_OK,)) -> int:
     """``job(config)`` with the command line's handling of bad input and Ctrl-C; stops the demo
     (``SystemExit``) on an exit code outside ``allowed``, else returns it."""
     try:
@@ -150,7 +151,7 @@ def _step(number: int, text: str) -> None:
     print(f"\n[{number}/5] {text}", flush=True)
 
 
-def _check(code: int, step: str, allowed: tuple[int, ...] = (0,)) -> None:
+def _check(code: int, step: str, allowed: tuple[int, ...] = (EXIT_OK,)) -> None:
     if code not in allowed:
         raise SystemExit(f"demo stopped: `medseg {step}` exited with code {code}")
 
