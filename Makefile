@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@command -v dciodvfy >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get install -y -qq dicom3tools >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dicom3tools >/dev/null 2>&1)) ; } || \
 	  echo "note: dciodvfy (Debian package dicom3tools) not installed; the DICOM SEG validator test will be skipped"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) ; } || \
+	  echo "note: chromium (Debian package chromium) not installed; the browser review test will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,7 +3,7 @@
 Bundle folder layout::
 
     bundle.json     format version, network name + options, label names, code version,
-                    postprocessing, number of folds, CV score
+                    postprocessing, number of folds, CV score, calibration, qc_reference
     plan.json       the training plan (spacing, normalisation, patch size, labels)
     fold_0.pt ...   one state_dict per fold (tensors only; loaded with ``weights_only=True``)
     registry.json   (only in downloaded copies) registered model name and version
@@ -58,6 +58,9 @@ class ModelBundle:
         code_version: git commit of the training code.
         cv_mean_dice: cross-validation mean foreground Dice.
         name / version: registered model name and version ("" for a plain folder).
+        calibration: ``{"temperature": T, "ece_before": e0, "ece_after": e1, "bins": 15, "voxels": n}``
+            fitted on the out-of-fold voxels (``pipeline.calibration``); ``{}`` = uncalibrated.
+        qc_reference: ``pipeline.qc_reference.QcReference.to_json()`` of the training cases; ``{}`` = none.
     """
 
     plan: Plan
@@ -67,6 +70,13 @@ class ModelBundle:
     cv_mean_dice: float = math.nan
     name: str = ""
     version: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    qc_reference: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature (logits / T before softmax); 1.0 for an uncalibrated bundle."""
+        return float(self.calibration.get("temperature", 1.0))
 
     @property
     def network(self) -> str:
@@ -131,8 +141,13 @@ def bundle_from_checkpoints(
     checkpoints: list[str | Path],
     postprocessing: dict[str, Any] | None = None,
     cv_mean_dice: float = math.nan,
+    calibration: dict[str, Any] | None = None,
+    qc_reference: dict[str, Any] | None = None,
 ) -> ModelBundle:
-    """Bundle the best checkpoints of the folds (``pipeline.training.trainer`` format: ``{"model": state_dict}``)."""
+    """Bundle the best checkpoints of the folds (``pipeline.training.trainer`` format: ``{"model": state_dict}``).
+
+    ``calibration`` / ``qc_reference``: see :class:`ModelBundle` (``None`` = none).
+    """
     states = []
     for path in checkpoints:
         if not Path(path).is_file():
@@ -140,7 +155,13 @@ def bundle_from_checkpoints(
         states.append(torch.load(path, map_location="cpu", weights_only=False)["model"])
         check_finite_weights(states[-1], str(path))
     return ModelBundle(
-        plan, tuple(states), dict(postprocessing or {}), code_version(), cv_mean_dice
+        plan,
+        tuple(states),
+        dict(postprocessing or {}),
+        code_version(),
+        cv_mean_dice,
+        calibration=dict(calibration or {}),
+        qc_reference=dict(qc_reference or {}),
     )
 
 
@@ -175,6 +196,8 @@ def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
         "postprocessing": bundle.postprocessing,
         "num_folds": len(bundle.fold_states),
         "cv_mean_dice": None if math.isnan(bundle.cv_mean_dice) else bundle.cv_mean_dice,
+        "calibration": bundle.calibration,
+        "qc_reference": bundle.qc_reference,
     }
     write_text_atomic(out / "bundle.json", json.dumps(meta, indent=2))
     return out
@@ -222,6 +245,8 @@ def _read_bundle_folder(folder: Path) -> ModelBundle:
         math.nan if score is None else float(score),
         registry.get("name", ""),
         str(registry.get("version", "")),
+        _read_calibration(meta, folder),
+        _read_optional_object(meta, "qc_reference", folder),
     )
 
 
@@ -237,6 +262,28 @@ def _read_json_object(path: Path, folder: Path) -> dict[str, Any]:
             "the bundle is damaged: download or export it again"
         )
     return value
+
+
+def _read_optional_object(meta: dict[str, Any], key: str, folder: Path) -> dict[str, Any]:
+    """``bundle.json[key]``, an object; ``{}`` when absent (bundles written before it existed)."""
+    value = meta.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelBundleError(f"{folder / 'bundle.json'}: {key!r} must be an object, got {value!r}")
+    return value
+
+
+def _read_calibration(meta: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``bundle.json`` -> ``calibration``, with a positive finite temperature when present."""
+    calibration = _read_optional_object(meta, "calibration", folder)
+    t = calibration.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < t < math.inf):
+        raise ModelBundleError(
+            f"{folder / 'bundle.json'}: calibration temperature must be a positive number, got {t!r}; "
+            "the bundle is damaged: download or export it again"
+        )
+    return calibration
 
 
 def _read_fold_state(path: Path) -> dict[str, torch.Tensor]:

@@ -19,11 +19,15 @@ from typing import Any
 
 import torch
 
+from pipeline.inference.uncertainty import CaseUncertainty
 from pipeline.metrics import ReferenceMetrics
+from pipeline.qc_flags import QcFlag
 
 _SECONDS = "seconds_"
 _VOLUME_PREFIX, _VOLUME_SUFFIX = "vol_", "_ml"
 _HEAD = ("case_id", "source", "kind", "status", "reason", "reason_code")
+_FLAGS, _FLAG_REASONS = "flags", "flag_reasons"
+_UNCERTAINTY, _UNC_MASK, _UNC_BOUNDARY = "uncertainty", "unc_mask_", "unc_boundary_"
 
 
 @dataclass
@@ -42,6 +46,11 @@ class CaseRow:
         seconds: total work time (the sum of the unrounded stages, rounded to ms).
         volumes_ml: label name -> predicted volume in mL (ok cases).
         metrics: label name -> metrics against the reference label (with ``--labels``).
+        uncertainty: the case's uncertainty summary (with ``--uncertainty``), else None (no
+            such columns).
+        flags: QC flags (:mod:`pipeline.qc_flags`); columns ``flags`` (names joined by ``;``) and
+            ``flag_reasons`` (``name: reason`` joined by `` | ``), written once ``qc_checked``.
+        qc_checked: the case was measured and flagged (a clean case then has an empty ``flags``).
         extra: columns of a read-back record this version does not know (kept as they were).
     """
 
@@ -56,6 +65,9 @@ class CaseRow:
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, ReferenceMetrics] = field(default_factory=dict)
+    uncertainty: CaseUncertainty | None = None
+    flags: tuple[QcFlag, ...] = ()
+    qc_checked: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,17 +83,25 @@ class CaseRow:
         """The row as ``case.json`` / ``cases.csv`` columns, in their order: the one flattening.
 
         ``case_id, source, kind, status, reason, reason_code[, model_fingerprint]``, then
-        ``vol_<label>_ml``, ``<metric>_<label>`` (label by label: dice, hd95, nsd), ``seconds_<stage>``
-        and ``seconds``.
+        ``vol_<label>_ml``, ``<metric>_<label>`` (label by label: dice, hd95, nsd), with an
+        uncertainty summary ``uncertainty, unc_mask_<label>..., unc_boundary_<label>...``,
+        ``seconds_<stage>`` and ``seconds``.
         """
         record: dict[str, Any] = {name: getattr(self, name) for name in _HEAD}
         if self.model_fingerprint is not None:
             record["model_fingerprint"] = self.model_fingerprint
+        if self.qc_checked or self.flags:
+            record[_FLAGS] = ";".join(flag.name for flag in self.flags)
+            record[_FLAG_REASONS] = " | ".join(f"{flag.name}: {flag.reason}" for flag in self.flags)
         record.update(
             {f"{_VOLUME_PREFIX}{label}{_VOLUME_SUFFIX}": ml for label, ml in self.volumes_ml.items()}
         )
         for label, measured in self.metrics.items():
             record.update({f"{name}_{label}": getattr(measured, name) for name in ReferenceMetrics.names()})
+        if self.uncertainty is not None:
+            record[_UNCERTAINTY] = self.uncertainty.score
+            record.update({f"{_UNC_MASK}{label}": v for label, v in self.uncertainty.mask_mean.items()})
+            record.update({f"{_UNC_BOUNDARY}{label}": v for label, v in self.uncertainty.boundary_mean.items()})
         record.update(self.extra)
         record.update({f"{_SECONDS}{stage}": value for stage, value in self.stage_seconds.items()})
         record["seconds"] = self.seconds
@@ -96,10 +116,14 @@ class CaseRow:
         )
         row.model_fingerprint = record.get("model_fingerprint")
         row.seconds = float(record.get("seconds", 0.0) or 0.0)
+        row.flags, row.qc_checked = _flags_from(record), _FLAGS in record
+        row.uncertainty = _uncertainty_from(record)
         measured: dict[str, dict[str, float]] = {}
         prefixes = {f"{name}_": name for name in ReferenceMetrics.names()}
         for key, value in record.items():
-            if key in _HEAD or key in ("model_fingerprint", "seconds"):
+            if key in _HEAD or key in ("model_fingerprint", "seconds", _FLAGS, _FLAG_REASONS):
+                continue
+            if row.uncertainty is not None and (key == _UNCERTAINTY or key.startswith((_UNC_MASK, _UNC_BOUNDARY))):
                 continue
             metric = next((m for p, m in prefixes.items() if key.startswith(p)), None)
             if key.startswith(_SECONDS):
@@ -116,6 +140,24 @@ class CaseRow:
             else:  # written by a version that recorded other metrics: keep the columns as they were
                 row.extra.update({f"{name}_{label}": value for name, value in values.items()})
         return row
+
+
+def _uncertainty_from(record: dict[str, Any]) -> CaseUncertainty | None:
+    """The ``uncertainty`` / ``unc_mask_<label>`` / ``unc_boundary_<label>`` columns, if written."""
+    if record.get(_UNCERTAINTY) in (None, ""):
+        return None
+    columns = {
+        prefix: {k[len(prefix) :]: _number(v) for k, v in record.items() if k.startswith(prefix)}
+        for prefix in (_UNC_MASK, _UNC_BOUNDARY)
+    }
+    return CaseUncertainty(_number(record[_UNCERTAINTY]), columns[_UNC_MASK], columns[_UNC_BOUNDARY])
+
+
+def _flags_from(record: dict[str, Any]) -> tuple[QcFlag, ...]:
+    """The ``flags`` / ``flag_reasons`` columns of :meth:`CaseRow.to_record` (a CSV's NaN: none)."""
+    names = [n for n in str(record.get(_FLAGS) or "").split(";") if n and n != "nan"]
+    reasons = dict(part.partition(": ")[::2] for part in str(record.get(_FLAG_REASONS) or "").split(" | "))
+    return tuple(QcFlag(name, reasons.get(name, "")) for name in names)
 
 
 def _number(value: Any) -> float:

@@ -27,13 +27,16 @@ import numpy as np
 
 from pipeline import writers
 from pipeline.bundle import ModelBundle
-from pipeline.case_folder import publish_case, staging_folder
+from pipeline.case_folder import CaseModel, publish_case, staging_folder
 from pipeline.case_row import CaseRow, error_kind
 from pipeline.compatibility import model_incompatibility
 from pipeline.inference.config import InferenceConfig
 from pipeline.inference.model_cache import cached_model, load_bundle_cached
 from pipeline.inference.segment import Segmentation, Segmenter
+from pipeline.inference.uncertainty import case_uncertainty
 from pipeline.metrics import ReferenceMetrics, reference_metrics
+from pipeline.qc_flags import flag_case
+from pipeline.qc_reference import QcReference, measure_case
 from pipeline.writers.base import CaseWriter, SegmentedCase
 from preprocessing.image import GRID_TOL_MM, Volume
 from preprocessing.source_item import SourceItem
@@ -57,6 +60,8 @@ class CaseConfig:
         torch_threads: intra-op threads per worker (cores / workers on CPU).
         model_fingerprint: ``bundle_fingerprint`` of the model; recorded per case so a rerun
             with another model redoes the case.
+        uncertainty_score: compute the ensemble uncertainty and the row's ``uncertainty``
+            summary even when no enabled writer needs the maps (e.g. for QC flags).
     """
 
     bundle_dir: str
@@ -67,6 +72,7 @@ class CaseConfig:
     nsd_tolerance_mm: float = 2.0
     torch_threads: int | None = None
     model_fingerprint: str = ""
+    uncertainty_score: bool = False
 
 
 @dataclass
@@ -132,7 +138,14 @@ def segment_case(work: CaseInFlight, config: CaseConfig) -> CaseInFlight:
         else:
             segmenter = Segmenter(bundle.plan, networks, bundle.postprocessing, config.inference)
             keep = any(w.needs_probabilities for w in enabled_writers(config))
-            work.segmentation = segmenter(work.volume, keep_probabilities=keep)
+            # getattr: a writer written before issue 12 has no needs_uncertainty (it needs none)
+            # ... and a bundle with an out-of-fold p95 needs the case's score for high_uncertainty
+            uncertain = (
+                config.uncertainty_score
+                or bundle.qc_reference.get("uncertainty_p95") is not None
+                or any(getattr(w, "needs_uncertainty", False) for w in enabled_writers(config))
+            )
+            work.segmentation = segmenter(work.volume, keep_probabilities=keep, uncertainty=uncertain)
     return work
 
 
@@ -153,7 +166,10 @@ def write_case(work: CaseInFlight, config: CaseConfig) -> CaseRow:
         # A failed case leaves nothing behind, so the next run tries it again.
         shutil.rmtree(staging, ignore_errors=True)
     else:
-        publish_case(row, staging, Path(config.out_dir))
+        # The bundle is cached: segment_case loaded it for every row that gets this far.
+        bundle = load_bundle_cached(config.bundle_dir, config.inference.device, config.model_fingerprint)
+        model = CaseModel(bundle.name, bundle.version_tag, bundle.label_names)
+        publish_case(row, staging, Path(config.out_dir), model)
     return row
 
 
@@ -196,8 +212,13 @@ def write_outputs(work: CaseInFlight, bundle: ModelBundle, config: CaseConfig, s
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"write-{item.case_id}") as pool:
         jobs = [(w, pool.submit(w.write, case, staging / w.filename)) for w in chosen]
         row.volumes_ml = label_volumes_ml(segmentation.labels, volume.spacing_mm, bundle.label_names)
+        if segmentation.uncertainty is not None:
+            maps = segmentation.uncertainty_on_source_grid()  # freed on return: 3 source-grid channels
+            row.uncertainty = case_uncertainty(segmentation.labels, maps, bundle.label_names)
+            del maps
         if config.labels_dir:
             row.metrics = _reference_metrics(item.case_id, segmentation.labels, volume, bundle, config)
+        _flag_row(row, volume, segmentation, bundle)
         for writer, job in jobs:
             if writer.fails_case:
                 job.result()  # re-raises a writer's error: the case fails as a whole
@@ -213,6 +234,25 @@ def label_volumes_ml(
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=max(label_names) + 1)
     return {name: round(float(counts[value]) * voxel_ml, 3) for value, name in label_names.items()}
+
+
+def _flag_row(row: CaseRow, volume: Volume, segmentation: Segmentation, bundle: ModelBundle) -> None:
+    """Measure the case on the source grid and flag it (:mod:`pipeline.qc_flags`) into its row.
+
+    Against the bundle's training fingerprint when it has one (``bundle.json["qc_reference"]``;
+    older bundles: only the flags that need none). QC is a review aid: if it fails, the case stays
+    ok with a note and the reason code ``qc_flags_skipped:<kind>``.
+    """
+    try:
+        stored = getattr(bundle, "qc_reference", None)  # getattr: a bundle class without the field
+        reference = QcReference.from_json(stored) if stored else None
+        measured = measure_case(volume.array[0], segmentation.labels, volume.spacing_mm, bundle.label_names)
+        uncertainty = getattr(row, "uncertainty", None)
+        score = None if uncertainty is None else uncertainty.score
+        row.flags, row.qc_checked = flag_case(measured, reference, score), True
+    except Exception as exc:
+        logger.warning("case %s: QC flags skipped (%s: %s)", row.case_id, type(exc).__name__, exc)
+        row.add_note(f"QC flags skipped: {type(exc).__name__}: {exc}", f"qc_flags_skipped:{error_kind(exc)}")
 
 
 def _note_failure(row: CaseRow, writer: CaseWriter, job: Future) -> None:

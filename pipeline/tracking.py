@@ -40,6 +40,11 @@ _IDENTIFYING = (
     "instanceuid",
     "patientaddress",
 )
+#: The experiment tag MLflow 3's UI reads to choose an experiment's page (``mlflow.experimentKind``);
+#: ``custom_model_development`` opens the runs table, not the GenAI traces view (an untagged
+#: experiment without runs is shown as GenAI).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _BATCH = 900  # MLflow accepts at most 1000 metrics / 100 params per log_batch
 
@@ -137,9 +142,13 @@ class Tracker:
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
                 self._experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older medseg; a user's choice stays
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             else:
                 self._experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=_local_artifact_root(self.uri)
+                    self.experiment,
+                    artifact_location=_local_artifact_root(self.uri),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
         return self._experiment_id
 
@@ -187,7 +196,21 @@ class Tracker:
 
     def log_table(self, data: Any, artifact_file: str) -> None:
         """Log a table (a pandas DataFrame or a dict of columns) as the run's JSON table ``artifact_file``,
-        which the MLflow UI shows and compares across runs."""
+        which the MLflow UI shows and compares across runs.
+
+        A column of PIL images is stored as pictures (``table_images/<name>/``) that the table view
+        shows in its cells. A table already logged under that name (a resumed run) is replaced:
+        MLflow itself would append the new rows to the old ones.
+        """
+        stem = artifact_file.rsplit(".", 1)[0]
+        existing = {a.path for a in self.client.list_artifacts(self._run())}
+        if artifact_file in existing:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            repo = get_artifact_repository(self.client.get_run(self._run()).info.artifact_uri)
+            repo.delete_artifacts(artifact_file)
+            if "table_images" in existing:
+                repo.delete_artifacts(f"table_images/{stem}")
         self.client.log_table(self._run(), data=data, artifact_file=artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:

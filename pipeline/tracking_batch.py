@@ -26,7 +26,7 @@ import logging
 import math
 import shutil
 import tempfile
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,17 +39,50 @@ logger = logging.getLogger(__name__)
 
 #: Text columns of ``cases.csv`` that may leave the hospital; every other text column (``source``,
 #: ``reason``...) stays in the output folder. Numeric columns (seconds, volumes, metrics) go too.
-LOGGED_TEXT_COLUMNS: tuple[str, ...] = ("case_id", "kind", "status", "reason_code", "model_fingerprint")
+#: ``flags`` holds only the fixed flag names of ``pipeline.qc_flags`` (their reasons stay in ``flag_reasons``).
+LOGGED_TEXT_COLUMNS: tuple[str, ...] = ("case_id", "kind", "status", "reason_code", "model_fingerprint", "flags")
 _NEVER_LOGGED = frozenset({"source", "reason"})
 
 
 @dataclass(frozen=True)
 class BatchRunInfo:
+    """The batch run's model and settings.
+
+    ``model_version`` is the bundle's ``version_tag`` (``NAME/vN``, or the code version of a plain
+    folder); ``registry_version`` the bare registered version (``"3"``, "" for a folder) that the run
+    is linked to; ``model_fingerprint`` tells a resumed batch of the same model from another model;
+    ``run_name`` is ``--run-name`` ("" -> :func:`batch_run_name`).
+    """
+
     experiment: str
     model_uri: str
     model_name: str = ""
     model_version: str = ""
     params: dict = field(default_factory=dict)
+    registry_version: str = ""
+    model_fingerprint: str = ""
+    run_name: str = ""
+    code_version: str = ""
+
+
+def batch_run_name(info: BatchRunInfo) -> str:
+    """``--run-name``, else ``predict NAME@vN`` (registered model), else ``predict bundle@<code version>``.
+
+    Never a folder or file name: folder names can hold patient names.
+    """
+    if info.run_name:
+        return printable_text(info.run_name)
+    if info.model_name and info.registry_version:
+        return f"predict {info.model_name}@v{info.registry_version}"
+    return f"predict bundle@{(info.code_version or 'unregistered')[:12]}"
+
+
+def batch_tags(info: BatchRunInfo) -> dict[str, str]:
+    return {
+        "medseg.job": "predict",
+        "medseg.model_name": info.model_name,
+        "medseg.model_version": info.model_version,
+    }
 
 
 def loggable_cases(table: pd.DataFrame) -> pd.DataFrame:
@@ -133,40 +166,52 @@ def _log(
     info: BatchRunInfo, out: Path, table: pd.DataFrame, summary: dict, qc_sample: int | None, uri: str
 ) -> None:
     # Tracker creates the experiment with a local artifact root next to a sqlite store (never ./mlruns).
-    run = Tracker(info.experiment, uri).start_run(
-        f"predict-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={
-            "medseg.job": "predict",
-            "medseg.model_name": info.model_name,
-            "medseg.model_version": info.model_version,
-        },
-    )
+    run = Tracker(info.experiment, uri).start_run(batch_run_name(info), tags=batch_tags(info))
     status = "FAILED"
     try:
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            tmp = Path(tmp_dir)
-            run.log_params(
-                {
-                    "model_uri": _safe_model_uri(info.model_uri),
-                    "model_name": info.model_name,
-                    "model_version": info.model_version,
-                    **info.params,
-                }
-            )
-            run.log_metrics(_summary_metrics(summary), step=0)
-            safe = loggable_cases(table)
-            safe.to_csv(tmp / "cases.csv", index=False)
-            failed = safe[safe["status"] == "error"] if "status" in safe.columns else safe.iloc[:0]
-            failed[["case_id", "reason_code"]].to_csv(tmp / "failures.csv", index=False)
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-            for name in ("cases.csv", "failures.csv", "summary.json"):
-                run.log_artifact(tmp / name)
-            run.log_table(safe, artifact_file="cases.json")
-            _log_qc_pictures(run, table, out, tmp, qc_sample)
+        log_batch_contents(run, info, out, table, summary, qc_sample)
         status = "FINISHED"
-        logger.info("batch logged to MLflow run %s (experiment %s)", run.run_id, info.experiment)
     finally:
         run.end(status)
+
+
+def log_batch_contents(
+    run: Tracker,
+    info: BatchRunInfo,
+    out: Path,
+    table: pd.DataFrame,
+    summary: dict,
+    qc_sample: int | None,
+    extra_artifacts: Sequence[Path] = (),
+) -> None:
+    """Log the finished batch into ``run`` (params, metrics, tables, pictures, ``review.csv`` and the
+    ``extra_artifacts`` that exist, e.g. the MLflow variant of ``report.html``); the caller ends it."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        run.log_params(
+            {
+                "model_uri": _safe_model_uri(info.model_uri),
+                "model_name": info.model_name,
+                "model_version": info.model_version,
+                **info.params,
+            }
+        )
+        run.log_metrics(_summary_metrics(summary), step=0)
+        safe = loggable_cases(table)
+        safe.to_csv(tmp / "cases.csv", index=False)
+        failed = safe[safe["status"] == "error"] if "status" in safe.columns else safe.iloc[:0]
+        failed[["case_id", "reason_code"]].to_csv(tmp / "failures.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        for name in ("cases.csv", "failures.csv", "summary.json"):
+            run.log_artifact(tmp / name)
+        run.log_table(with_qc_thumbnails(safe, out, qc_sample), artifact_file="cases.json")
+        _log_qc_pictures(run, table, out, tmp, qc_sample)
+        if (out / "review.csv").is_file():  # pipeline.review: ids, codes, flag names, numbers
+            run.log_artifact(out / "review.csv")
+        for path in extra_artifacts:
+            if Path(path).is_file():
+                run.log_artifact(path)
+    logger.info("batch logged to MLflow run %s (experiment %s)", run.run_id, info.experiment)
 
 
 def _safe_model_uri(uri: str) -> str:
@@ -178,6 +223,10 @@ def _safe_model_uri(uri: str) -> str:
 
 def _summary_metrics(summary: dict) -> dict[str, float]:
     metrics = {f"cases_{status}": float(n) for status, n in summary.get("cases", {}).items()}
+    metrics["cases_failed"] = float(summary.get("cases", {}).get("error", 0))
+    metrics["cases_total"] = float(sum(summary.get("cases", {}).values()))
+    # cases_flagged and flag_<name> (pipeline.review.flag_counts: fixed names, counted from the rows)
+    metrics.update({name: float(n) for name, n in summary.get("flags", {}).items()})
     for label, per_metric in summary.get("per_label", {}).items():
         for metric, stats in per_metric.items():
             for stat in ("mean", "median"):
@@ -185,6 +234,38 @@ def _summary_metrics(summary: dict) -> dict[str, float]:
                 if isinstance(value, (int, float)) and math.isfinite(value):  # null: undefined
                     metrics[f"{metric}_{label}_{stat}"] = float(value)
     return metrics
+
+
+#: Longest side of a QC thumbnail in the MLflow table (MLflow also stores a compressed copy).
+THUMBNAIL_PX = 256
+
+
+def with_qc_thumbnails(safe: pd.DataFrame, out: Path, qc_sample: int | None) -> pd.DataFrame:
+    """``safe`` with a ``qc`` column of PIL thumbnails of ``OUT/<case_id>/qc.png`` (MLflow's table
+    view shows them in the cells); a row without a picture (a failure, beyond ``qc_sample``) gets a
+    blank one, since MLflow refuses a column mixing pictures and other values. Unchanged when no
+    case has a picture."""
+    from PIL import Image
+
+    pictures: list[Image.Image | None] = []
+    budget = len(safe) if qc_sample is None else max(0, qc_sample)
+    statuses = safe["status"] if "status" in safe.columns else pd.Series("ok", index=safe.index)
+    for case_id, status in zip(safe["case_id"], statuses, strict=True):
+        path = out / str(case_id) / "qc.png"
+        if status == "ok" and budget > 0 and str(case_id) and path.is_file():
+            budget -= 1
+            with Image.open(path) as picture:
+                thumb = picture.convert("RGB")
+            thumb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            pictures.append(thumb)
+        else:
+            pictures.append(None)
+    if not any(p is not None for p in pictures):
+        return safe
+    blank = Image.new("RGB", (8, 8), (255, 255, 255))
+    table = safe.copy()
+    table.insert(1, "qc", [p if p is not None else blank.copy() for p in pictures])
+    return table
 
 
 def _log_qc_pictures(run: Tracker, table: pd.DataFrame, out: Path, tmp: Path, qc_sample: int | None) -> None:

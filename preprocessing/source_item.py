@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from preprocessing.image import pseudonymous_case_id
+
 
 @dataclass(frozen=True)
 class SourceItem:
@@ -72,3 +74,16 @@ def mark_case_id_collisions(items: list[SourceItem]) -> list[SourceItem]:
                 seen[item.case_id] = item
         out.append(item)
     return out
+
+
+def row_case_id(item: SourceItem) -> str:
+    """The case id of ``item``'s row in a manifest or ``cases.csv``.
+
+    A skipped or broken file has no case id of its own; its row gets ``skipped-<12 hex>``, a salted
+    hash of its path (never the path itself), so every row has a pseudonymous id that ingest and
+    predict agree on.
+    """
+    if item.case_id:
+        return item.case_id
+    source = str(item.paths[0]) if item.paths else ""
+    return "skipped-" + pseudonymous_case_id(source).removeprefix("case-")

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     for writer in optional_writers():  # an optional output's flag comes with its writer
         p.add_argument(writer.flag, action="store_true", help=writer.help)
     p.add_argument("--experiment", default="medseg-predict", help="MLflow experiment name")
+    p.add_argument("--run-name", default=None, metavar="NAME",
+                   help="MLflow run name (default: 'predict MODEL@vVERSION'; never put patient data here)")
     p.add_argument("--qc-sample", type=_non_negative_int, default=None, metavar="N",
                    help="log at most N QC pictures to MLflow (default: all)")
     _add_cluster_flags(p)
@@ -214,13 +216,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from workflows.demo import demo_command as command
         _quiet_libraries(args.verbose)
-        return int(command(args))
+        code = int(command(args))
+        if args.command == "train":
+            _print_training_review(args)
+        return code
     except (ValueError, FileNotFoundError) as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGS
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _print_training_review(args: argparse.Namespace) -> None:
+    """The ``mlflow ui`` command and the URLs of the training experiment and the registered model."""
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking_links import experiment_id_of, review_lines
+
+    uri = tracking_uri()
+    experiment_id = experiment_id_of(uri, args.experiment)
+    if experiment_id is not None:
+        print("\n".join(review_lines(uri, training_experiment_id=experiment_id, model_name=args.register)))
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -175,4 +175,7 @@ def _print_summary(out: Path, predictions: Path, seconds: float) -> None:
             print(metrics.groupby("label")["dice"].mean().round(3).to_string())
     print(f"\noutputs: {predictions}  (mask.nii.gz, seg.dcm, qc.png per case)")
     print(f"finished in {seconds / 60:.1f} min. Review everything in MLflow:")
-    print(f"  .venv/bin/mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}")
+    from pipeline.tracking_links import mlflow_ui_command, ui_base_url
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    print(f"  {mlflow_ui_command(uri) or ''}\n  then open {ui_base_url(uri)}/ (the batch run's URL is printed above)")

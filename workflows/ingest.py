@@ -28,7 +28,7 @@ from tqdm import tqdm
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import discover_sources
 from preprocessing.errors import IngestError
-from preprocessing.source_item import SourceItem
+from preprocessing.source_item import SourceItem, row_case_id
 from preprocessing.source_tree import printable_path, printable_text
 from preprocessing.volume_io import load_source_item, write_nifti_atomic
 from workflows.cluster import dask_client
@@ -176,7 +176,7 @@ def _target_path(images_dir: Path, case_id: str) -> Path:
 
 def _row(item: SourceItem, status: str | None = None, reason: str | None = None) -> dict:
     return {
-        "case_id": item.case_id,
+        "case_id": row_case_id(item),
         "source": _source_text(item),
         "series_uid": item.series_uid,
         "status": status or item.status,

@@ -27,15 +27,18 @@ from pipeline.case_row import CaseRow, error_kind
 from pipeline.case_runner import CaseConfig, read_case, segment_case, write_case
 from pipeline.inference.config import inference_config_for
 from pipeline.metrics import json_ready, summarize_metrics
-from pipeline.tracking_batch import BatchRunInfo, log_batch_run
+from pipeline.report import write_batch_report_or_warn
+from pipeline.review import flag_counts, write_review_queue
+from pipeline.tracking_batch_run import BatchRun
 from pipeline.writers import optional_writers
 from pipeline.writers.base import flag_dest
 from preprocessing.atomic import write_text_atomic
 from preprocessing.discovery import discover_sources
-from preprocessing.source_item import SourceItem
+from preprocessing.source_item import SourceItem, row_case_id
 from preprocessing.source_tree import printable_text
 from workflows.cluster import dask_client, gpu_count
 from workflows.exit_codes import EXIT_OK, EXIT_PARTIAL, EXIT_TRACKING_UNREACHABLE
+from workflows.predict_tracking import finish_predict_run, open_predict_run
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class PredictConfig:
     qc_sample: int | None = None
     workers: int | None = 2
     scheduler: str | None = None
+    run_name: str = ""
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -94,6 +98,7 @@ def _config_from_args(args: argparse.Namespace) -> PredictConfig:
         qc_sample=args.qc_sample,
         workers=args.workers,
         scheduler=args.scheduler,
+        run_name=getattr(args, "run_name", None) or "",
     )
 
 
@@ -123,26 +128,26 @@ def run_predict(config: PredictConfig) -> int:
     removed = clean_staging(out)
     if removed:
         print(f"removed {removed} unfinished case folder(s) left by an interrupted run")
+    # Started now: MLflow shows the batch's true duration (and the run stays RUNNING while it works).
+    run = open_predict_run(bundle, bundle_dir, config.out_dir, config.experiment, config.model_uri,
+                           config.run_name, _loggable_params(config))
     try:
-        rows = _run_cases(items, bundle_dir, bundle, config)
-    finally:
-        remove_empty_staging(out)
+        try:
+            rows = _run_cases(items, bundle_dir, bundle, config, run)
+        finally:
+            remove_empty_staging(out)
+        table, summary = _write_tables(rows, bundle, out)
+        write_review_queue(out, rows)
+        write_batch_report_or_warn(out, rows, {"name": bundle.name, "version": bundle.version_tag})
+    except BaseException as exc:  # Ctrl-C -> KILLED, an error -> FAILED; the progress metrics stay
+        if run is not None:
+            run.abort(exc)
+        raise
     failed = sum(r.status == "error" for r in rows)
-    table, summary = _write_tables(rows, bundle, out)
-    tracked = log_batch_run(
-        BatchRunInfo(
-            experiment=config.experiment,
-            model_uri=config.model_uri,
-            model_name=bundle.name,
-            model_version=bundle.version_tag,
-            params=_loggable_params(config),
-        ),
-        out_dir=out,
-        cases=table,
-        summary=summary,
-        qc_sample=config.qc_sample,
-    )
+    tracked = run is not None and finish_predict_run(run, rows, bundle, (table, summary), config.out_dir, config.qc_sample)
     _print_summary(rows, out)
+    if run is not None:
+        print("\n".join(run.review_lines()))
     if failed:
         print(f"{failed} case(s) failed; see the 'reason' column of {out / 'cases.csv'}")
         return EXIT_PARTIAL
@@ -184,7 +189,8 @@ def _load_model(config: PredictConfig):  # noqa: ANN202 (bundle folder, ModelBun
     return bundle_dir, bundle
 
 
-def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig) -> list[CaseRow]:
+def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: PredictConfig,
+               run: BatchRun | None = None) -> list[CaseRow]:
     rows: list[CaseRow] = []
     todo: list[SourceItem] = []
     fingerprint = bundle_fingerprint(bundle_dir)
@@ -219,7 +225,11 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
         bundle_dir=str(bundle_dir),
         out_dir=str(config.out_dir),
         inference=inference_config_for(
-            bundle.plan, overlap=config.overlap, device=config.device, tta=config.tta
+            bundle.plan,
+            overlap=config.overlap,
+            device=config.device,
+            tta=config.tta,
+            temperature=bundle.temperature,
         ),
         labels_dir=str(config.labels_dir) if config.labels_dir else None,
         outputs=config.outputs,
@@ -240,6 +250,8 @@ def _run_cases(items: list[SourceItem], bundle_dir: Path, bundle, config: Predic
                 failures += row.status == "error"
                 bar.set_postfix(failed=failures)
                 bar.update(1)
+                if run is not None:
+                    run.progress(bar.n, failures)
     return rows
 
 
@@ -295,9 +307,10 @@ def run_case_tasks(
 
 def _discovery_row(item: SourceItem) -> CaseRow:
     """The row of a case no model touched (a discovery verdict; a worker that died)."""
+    source = str(item.paths[0]) if item.paths else ""
     return CaseRow(
-        case_id=item.case_id,
-        source=str(item.paths[0]) if item.paths else "",
+        case_id=row_case_id(item),
+        source=source,
         kind=item.kind,
         status=item.status,
         reason=item.reason,
@@ -346,7 +359,11 @@ def _summary(rows: list[CaseRow], bundle) -> dict:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    return {"cases": counts, "per_label": summarize_metrics(metric_rows) if metric_rows else {}}
+    return {
+        "cases": counts,
+        "per_label": summarize_metrics(metric_rows) if metric_rows else {},
+        "flags": flag_counts(rows),
+    }
 
 
 def _loggable_params(config: PredictConfig) -> dict:
@@ -366,6 +383,10 @@ def _loggable_params(config: PredictConfig) -> dict:
 def _print_summary(rows: list[CaseRow], out: Path) -> None:
     counts = pd.Series([printable_text(r.status) for r in rows], dtype=object).value_counts().to_dict()
     print(f"cases: {counts}; outputs in {out}")
+    flagged = flag_counts(rows)
+    if flagged["cases_flagged"]:
+        named = {k[len("flag_") :]: n for k, n in flagged.items() if k.startswith("flag_") and n}
+        print(f"QC: {flagged['cases_flagged']} case(s) flagged {named}; review queue {out / 'review.csv'}")
     labels = list(dict.fromkeys(label for r in rows for label in r.metrics))
     for label in labels:
         values = np.array([r.metrics[label].dice for r in rows if r.ok and label in r.metrics], dtype=float)

@@ -52,7 +52,14 @@ from preprocessing.splits import load_or_make_splits
 from preprocessing.transforms import case_to_item
 from workflows.exit_codes import EXIT_BAD_ARGS, EXIT_OK, EXIT_TRACKING_UNREACHABLE
 from workflows.train_config import load_config_file
-from workflows.train_folds import FoldTask, postprocessing_lines, run_fold_tasks, summarize_folds
+from workflows.train_folds import (
+    FoldTask,
+    calibration_lines,
+    calibration_summary,
+    postprocessing_lines,
+    run_fold_tasks,
+    summarize_folds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -265,17 +272,17 @@ def _run_cross_validation(job: CrossValidationJob, dataset: MsdDataset, runs: li
     by_id = {c.case_id: c for c in dataset.cases}
     fold_data = [_fold_data(f, splits[f], by_id) for f in job.folds]
     results = _train_folds(job, plan, fold_data, fold_trackers)
-    summary = summarize_folds(results, plan, job.postprocessing)
+    summary = {**summarize_folds(results, plan, job.postprocessing), **calibration_summary(results)}
     write_text_atomic(job.work_dir / "cv_results.json", json.dumps(summary, indent=2))
     parent.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, step=0)
     print(
         f"cross-validation ({len(results)} fold(s)): mean Dice {summary['cv_mean_dice']:.4f} "
         f"+/- {summary['cv_std_dice']:.4f}"
     )
-    for line in postprocessing_lines(summary):
+    for line in [*postprocessing_lines(summary), *calibration_lines(summary)]:
         print(line)
     if job.register:
-        _register(job.register, job.work_dir, plan, results, summary, parent)
+        _register(job.register, job.work_dir, plan, results, summary, parent, dataset)
     parent.end()
     if problem:
         print(
@@ -353,18 +360,30 @@ def _train_folds(
 
 
 def _register(
-    name: str, work_dir: Path, plan: Plan, results: list[FoldResult], summary: dict, parent: Tracker
+    name: str,
+    work_dir: Path,
+    plan: Plan,
+    results: list[FoldResult],
+    summary: dict,
+    parent: Tracker,
+    dataset: MsdDataset,
 ) -> None:
-    """Bundle the folds' best checkpoints and register them as ``name`` (saved in the work folder
+    """Bundle the folds' best checkpoints, calibration and QC reference (the training cases measured,
+    with the out-of-fold uncertainty scores) and register them as ``name`` (saved in the work folder
     instead when MLflow is unreachable)."""
     from pipeline.bundle import bundle_from_checkpoints, save_bundle
     from pipeline.tracking_registry import register_bundle
+    from pipeline.training.out_of_fold import qc_reference_for
+
+    scores = [s for r in sorted(results, key=lambda r: r.fold) for s in r.oof_uncertainty.values()]
 
     bundle = bundle_from_checkpoints(
         plan,
         [r.best_checkpoint for r in sorted(results, key=lambda r: r.fold)],
         postprocessing=summary["postprocessing"],
         cv_mean_dice=summary["cv_mean_dice"],
+        calibration=summary["calibration"],
+        qc_reference=qc_reference_for(dataset.cases, dataset.foreground_labels, scores),
     )
     if isinstance(parent, NullTracker):
         path = work_dir / "bundle"

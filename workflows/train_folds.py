@@ -17,6 +17,7 @@ from pipeline.inference.postprocessing import LARGEST_COMPONENT, decide_largest_
 from pipeline.tracking import Tracker, end_run_status, end_runs_quietly
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData
+from pipeline.training.out_of_fold import calibrate_folds
 from pipeline.training.trainer import FoldResult, train_fold
 from preprocessing.plan import Plan
 
@@ -116,6 +117,30 @@ def summarize_folds(
     out["postprocessing"] = {LARGEST_COMPONENT: decisions}
     out["folds"] = [asdict(r) for r in results]
     return out
+
+
+def calibration_summary(results: list[FoldResult]) -> dict[str, Any]:
+    """The temperature fitted on the folds' pooled out-of-fold voxels, for the summary.
+
+    Keys: ``calibration`` (the bundle's dict, ``{}`` without out-of-fold voxels) and, when
+    calibrated, ``temperature``, ``ece_before``, ``ece_after`` (parent-run metrics).
+    """
+    calibration = calibrate_folds([r.calibration_samples for r in sorted(results, key=lambda r: r.fold)])
+    metrics = {
+        k: float(calibration[k]) for k in ("temperature", "ece_before", "ece_after") if k in calibration
+    }
+    return {"calibration": calibration, **metrics}
+
+
+def calibration_lines(summary: dict[str, Any]) -> list[str]:
+    """One printable line: the temperature and the ECE before and after (or why there is none)."""
+    c = summary.get("calibration") or {}
+    if not c:
+        return ["calibration: none (no out-of-fold voxels); temperature 1.0"]
+    return [
+        f"calibration: temperature {c['temperature']:.4f}; ECE ({c['bins']} bins, {c['voxels']} out-of-fold "
+        f"voxels) {c['ece_before']:.4f} before, {c['ece_after']:.4f} after"
+    ]
 
 
 def postprocessing_lines(summary: dict[str, Any]) -> list[str]:

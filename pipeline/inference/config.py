@@ -43,6 +43,9 @@ class InferenceConfig:
         max_accumulator_bytes: memory budget for accumulators; None: half the free GPU memory, or
             a quarter of the host RAM.
         progress: show a progress bar over window batches.
+        temperature: the model's calibration temperature ``T > 0``: probabilities are the
+            softmax of ``logits / T`` (``bundle.temperature``; 1.0 = uncalibrated, bit for bit
+            the plain softmax). Blended logits (``sliding_window_logits``) are not scaled.
     """
 
     roi_size: tuple[int, int, int] = (128, 128, 128)
@@ -68,6 +71,7 @@ class InferenceConfig:
     batch_passes: bool = True
     max_accumulator_bytes: int | None = None
     progress: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
@@ -86,6 +90,8 @@ class InferenceConfig:
             )
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be 'bfloat16' or 'float16'; got {self.amp_dtype!r}")
+        if not (self.temperature > 0.0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive finite number; got {self.temperature}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1; got {self.sw_batch_size}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,3 +29,21 @@ class MemberOutput:
     fold: int
     mirror_axes: tuple[int, ...]
     probabilities: torch.Tensor
+
+
+def pass_hook(
+    on_member: Callable[[MemberOutput], None] | None, mirrors: list[tuple[int, ...]]
+) -> Callable[[int, torch.Tensor], None] | None:
+    """The engine's ``(pass index, (1, K, X', Y', Z') probabilities)`` hook feeding ``on_member``.
+
+    Passes of one side-by-side sweep sit fold-major, mirror-minor (the network runner's output
+    order); ``mirrors`` are the engine's axes of a ``(N, C, X, Y, Z)`` batch.
+    """
+    if on_member is None:
+        return None
+
+    def hook(p: int, probs: torch.Tensor) -> None:
+        fold, mirror = divmod(p, len(mirrors))
+        on_member(MemberOutput(p, fold, tuple(a - 2 for a in mirrors[mirror]), probs[0]))
+
+    return hook

@@ -25,6 +25,7 @@ from pipeline.inference.config import InferenceConfig
 from pipeline.inference.member_output import MemberOutput
 from pipeline.inference.postprocessing import keep_largest_component, largest_component_values
 from pipeline.inference.sliding_window import predict_probabilities
+from pipeline.inference.uncertainty import UncertaintyAccumulator
 from preprocessing.image import Volume
 from preprocessing.plan import Plan
 from preprocessing.resample import resample_to_grid
@@ -48,12 +49,16 @@ class Segmentation:
         probabilities: ``float32 (K, X', Y', Z')`` ensemble-mean class probabilities on the
             *network* grid (CPU), or None when not asked for.
         network_affine_ras: voxel -> RAS mm affine of the network grid.
+        uncertainty: ``float32 (3, X', Y', Z')`` ensemble uncertainty on the network grid (CPU):
+            total (entropy of the mean), expected entropy, mutual information, in nats
+            (:mod:`pipeline.inference.uncertainty`), or None when not asked for.
     """
 
     labels: np.ndarray
     affine_ras: np.ndarray
     probabilities: torch.Tensor | None = None
     network_affine_ras: np.ndarray | None = None
+    uncertainty: torch.Tensor | None = None
 
     def probabilities_on_source_grid(self, slab_voxels: int = SLAB_VOXELS) -> np.ndarray:
         """``float32 (X, Y, Z, K)`` probabilities linearly resampled onto the source grid.
@@ -66,12 +71,28 @@ class Segmentation:
         """
         if self.probabilities is None or self.network_affine_ras is None:
             raise ValueError("this Segmentation holds no probabilities (segment with keep_probabilities=True)")
+        return self._on_source_grid(self.probabilities, slab_voxels)
+
+    def uncertainty_on_source_grid(self, slab_voxels: int = SLAB_VOXELS) -> np.ndarray:
+        """``float32 (X, Y, Z, 3)`` uncertainty maps linearly resampled onto the source grid.
+
+        Channels last as :data:`pipeline.inference.uncertainty.UNCERTAINTY_CHANNELS`: total,
+        expected entropy, mutual information (nats); filled slab by slab like the probabilities.
+
+        Raises:
+            ValueError: the segmentation was made without uncertainty.
+        """
+        if self.uncertainty is None or self.network_affine_ras is None:
+            raise ValueError("this Segmentation holds no uncertainty (segment with uncertainty=True)")
+        return self._on_source_grid(self.uncertainty, slab_voxels)
+
+    def _on_source_grid(self, maps: torch.Tensor, slab_voxels: int) -> np.ndarray:
+        assert self.network_affine_ras is not None
         shape = tuple(int(v) for v in self.labels.shape)
-        out = np.empty((*shape, int(self.probabilities.shape[0])), dtype=np.float32)
+        out = np.empty((*shape, int(maps.shape[0])), dtype=np.float32)
         for z0, z1, slab_affine in _slabs(self.affine_ras, shape, slab_voxels):
             slab = resample_to_grid(
-                self.probabilities, self.network_affine_ras, slab_affine, (shape[0], shape[1], z1 - z0),
-                mode="linear",
+                maps, self.network_affine_ras, slab_affine, (shape[0], shape[1], z1 - z0), mode="linear"
             )
             out[:, :, z0:z1, :] = np.moveaxis(slab.float().cpu().numpy(), 0, -1)
         return out
@@ -107,6 +128,7 @@ class Segmenter:
         *,
         keep_probabilities: bool = False,
         on_member: Callable[[MemberOutput], None] | None = None,
+        uncertainty: bool = False,
     ) -> Segmentation:
         """Segment ``volume`` (``(C, X, Y, Z)``, any orientation and spacing).
 
@@ -114,16 +136,20 @@ class Segmenter:
             volume: the image with its RAS affine.
             keep_probabilities: also return the ensemble probabilities (network grid, CPU).
             on_member: called once per ensemble member (folds x TTA mirrors, fold-major) with
-                its probabilities on the network grid (:class:`MemberOutput`). The members are
-                then run one at a time (per-member accumulators such as an ensemble variance
-                stay the caller's few tensors); labels and probabilities are still the members'
-                mean, equal to the batched ensemble to float tolerance.
+                its probabilities on the network grid (:class:`MemberOutput`), handed out one at
+                a time (per-member accumulators such as an ensemble variance stay the caller's
+                few tensors); labels and probabilities are still the members' mean, equal to
+                the plain ensemble to float tolerance.
+            uncertainty: also return the ensemble uncertainty maps (network grid, CPU), streamed
+                over the members (an internal ``on_member`` hook; a caller's hook runs too).
 
         Raises:
             NonFiniteProbabilitiesError: the model produced NaN or infinity.
         """
         image, net_affine = preprocess_for_inference(volume, self.plan, device=self.config.device)
-        probs = predict_probabilities(image, self.networks, self.config, on_member=on_member)
+        accumulator = UncertaintyAccumulator(len(self.plan.labels)) if uncertainty else None
+        hook = _with_accumulator(on_member, accumulator) if accumulator is not None else on_member
+        probs = predict_probabilities(image, self.networks, self.config, on_member=hook)
         if not bool(torch.isfinite(probs).all()):  # argmax of NaN is background: never an "ok" mask
             raise NonFiniteProbabilitiesError(
                 f"the model's probabilities for {volume.case_id or 'this image'} contain NaN or infinity "
@@ -138,7 +164,21 @@ class Segmenter:
             affine_ras=np.asarray(volume.affine_ras, dtype=np.float64),
             probabilities=probs.float().cpu() if keep_probabilities else None,
             network_affine_ras=np.asarray(net_affine, dtype=np.float64),
+            uncertainty=accumulator.maps().cpu() if accumulator is not None else None,
         )
+
+
+def _with_accumulator(
+    on_member: Callable[[MemberOutput], None] | None, accumulator: UncertaintyAccumulator
+) -> Callable[[MemberOutput], None]:
+    """A member hook that feeds ``accumulator`` and then calls the caller's hook, if any."""
+
+    def hook(member: MemberOutput) -> None:
+        accumulator.add(member.probabilities)
+        if on_member is not None:
+            on_member(member)
+
+    return hook
 
 
 def resample_argmax(

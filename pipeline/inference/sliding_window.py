@@ -38,7 +38,7 @@ from monai.data.utils import compute_importance_map
 from torch import nn
 
 from pipeline.inference.config import InferenceConfig
-from pipeline.inference.member_output import MemberOutput
+from pipeline.inference.member_output import MemberOutput, pass_hook
 from pipeline.inference.network_runner import NetworkRunner, network_autocast
 from pipeline.inference.window_feeder import WindowFeeder, WindowPosition
 
@@ -91,10 +91,11 @@ def predict_probabilities(
         image: ``(C, X, Y, Z)`` float tensor (already resampled and normalised for the network).
         networks: one or more networks with the same output classes ``K``.
         config: see :class:`InferenceConfig`.
-        on_member: called with each pass (ensemble member: fold x mirror) as soon as its
-            probabilities are done. The passes are then swept one at a time (the memory-budget
-            path), so no K-channel tensor per member is held by the engine; the result is the
-            same mean (to float tolerance; bit for bit that of the per-pass path).
+        on_member: called with each pass (ensemble member: fold x mirror, fold-major) as soon
+            as its probabilities are done: out of the one side-by-side sweep when its
+            accumulators fit (the plain path's memory, no extra sweep), else from one sweep per
+            pass (the memory-budget path). The engine keeps no K-channel tensor per member for
+            the hook; the result is the same mean either way (to float tolerance).
 
     Returns:
         ``(K, X, Y, Z)`` float32 probabilities summing to 1 over ``K``, on ``config.device``
@@ -107,14 +108,13 @@ def predict_probabilities(
     mirrors: list[tuple[int, ...]] = list(MIRROR_AXES) if config.tta else [()]
     n_passes = len(networks) * len(mirrors)
     with _eval_mode(networks), torch.no_grad():
-        if on_member is None and (n_passes == 1 or config.batch_passes):
+        if n_passes == 1 or config.batch_passes:
             try:
                 sweep = _Sweep(image[None], list(networks), mirrors, config, side_by_side=n_passes > 1)
-                return sweep.run(n_passes).finish_mean_softmax()[0]
+                return sweep.run(n_passes).finish_mean_softmax(pass_hook(on_member, mirrors))[0]
             except _PassesDoNotFit:
                 pass
-        if on_member is None:
-            logger.info("accumulating %d passes one sweep at a time (memory budget)", n_passes)
+        logger.info("accumulating %d passes one sweep at a time (memory budget)", n_passes)
         return _mean_over_passes(image, list(networks), mirrors, config, on_member)
 
 
@@ -354,12 +354,28 @@ class _Accumulator:
         """``(B, K, X, Y, Z)`` float32 blended logits of pass ``p``."""
         return self._pass(p, in_place=True).contiguous()
 
-    def finish_mean_softmax(self) -> torch.Tensor:
-        """``(B, K, X, Y, Z)`` float32 probabilities averaged over all passes."""
-        probs = torch.softmax(self._pass(0, in_place=True), dim=1)
+    def finish_mean_softmax(self, on_pass: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """``(B, K, X, Y, Z)`` float32 probabilities (softmax of logits / temperature), mean over passes.
+
+        ``on_pass(p, probabilities of pass p)`` sees each pass first (it may keep the tensor).
+        """
+        probs = self._softmax(0)
+        if on_pass is not None:
+            on_pass(0, probs)
+            probs = probs.clone()  # the hook may keep pass 0's tensor
         for p in range(1, self.n_passes):
-            probs.add_(torch.softmax(self._pass(p, in_place=True), dim=1))
+            member = self._softmax(p)
+            if on_pass is not None:
+                on_pass(p, member)
+            probs.add_(member)
         return probs.div_(self.n_passes) if self.n_passes > 1 else probs
+
+    def _softmax(self, p: int) -> torch.Tensor:
+        logits = self._pass(p, in_place=True)
+        temperature = self.sweep.cfg.temperature
+        if temperature != 1.0:  # 1.0 leaves the uncalibrated path bit for bit as it was
+            logits = logits / temperature
+        return torch.softmax(logits, dim=1)
 
 
 def _progress(feeder: WindowFeeder, show: bool, total: int) -> Iterator:

@@ -32,6 +32,8 @@ class TrainConfig:
         seed: base seed; fold ``f`` uses ``seed + f``.
         torch_threads: intra-op threads (``None`` = torch default).
         augment: augmentation settings.
+        calibration_voxels: voxels sampled (seeded) from each out-of-fold validation case for the
+            temperature fit of the bundle's calibration (0 = no calibration).
     """
 
     epochs: int = 100
@@ -53,3 +55,4 @@ class TrainConfig:
     seed: int = 0
     torch_threads: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    calibration_voxels: int = 20000

@@ -11,6 +11,7 @@ Files in the fold's work folder::
     checkpoint_best.pt   model weights of the best validation epoch (+ its metrics)
     epochs.jsonl         one JSON line per finished epoch (loss, lr, val Dice, timings)
     qc_best.png          QC picture of the first validation case at the best epoch
+    calibration_samples.npz  sampled out-of-fold logits + labels of the best weights (calibration)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipeline.training.checkpoint import (
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData, make_fold_data
 from pipeline.training.losses import supervised_loss
+from pipeline.training.out_of_fold import CALIBRATION_SAMPLES, OutOfFoldCollector
 from pipeline.training.schedules import make_optimizer, make_scheduler
 from pipeline.training.validation import ValidationCase, ValidationResult, out_of_fold_dice, validate
 from preprocessing.plan import Plan
@@ -68,7 +70,9 @@ class FoldResult:
 
     ``oof_dice``: the best checkpoint's out-of-fold Dice per validation case and label, without
     and with keeping the largest connected component (``pipeline.inference.postprocessing.OofDice``);
-    empty when the fold has no best checkpoint or no validation cases.
+    empty when the fold has no best checkpoint or no validation cases. ``calibration_samples``:
+    the file of that pass's sampled logits and labels (``""``: none); ``oof_uncertainty``: case id
+    -> uncertainty score of that pass (``pipeline.training.out_of_fold``).
     """
 
     fold: int
@@ -79,6 +83,8 @@ class FoldResult:
     best_checkpoint: str
     run_id: str | None = None
     oof_dice: OofDice = field(default_factory=dict)
+    calibration_samples: str = ""
+    oof_uncertainty: dict[str, float] = field(default_factory=dict)
 
 
 def build_fold_network(plan: Plan, device: str | torch.device = "cpu") -> nn.Module:
@@ -203,8 +209,10 @@ def train_fold(
     for epoch in bar:
         metrics = _run_epoch(state, run, epoch)
         bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", dice=f"{state.best_dice:.3f}")
-    oof = out_of_fold_dice(state.model, work / BEST, run.val_cases, run.labels, run.inference)
-    return _finish(state, data, work, tracker, oof)
+    collector = OutOfFoldCollector(run.labels, config.calibration_voxels, run.seed)
+    oof = out_of_fold_dice(state.model, work / BEST, run.val_cases, run.labels, run.inference, collector)
+    samples = collector.save(work / CALIBRATION_SAMPLES)
+    return _finish(state, data, work, tracker, (oof, samples, collector.uncertainty))
 
 
 def _set_up_fold(
@@ -240,7 +248,7 @@ def _set_up_fold(
 def _prepare_work_dir(work: Path, resume: bool) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     if not resume:  # a fresh run must not append to, or keep the best of, an older run in this folder
-        for name in (LAST, BEST, EPOCH_LOG, QC_PICTURE):
+        for name in (LAST, BEST, EPOCH_LOG, QC_PICTURE, CALIBRATION_SAMPLES):
             (work / name).unlink(missing_ok=True)
     return work
 
@@ -324,7 +332,13 @@ def _append_epoch_log(work: Path, epoch: int, metrics: dict[str, float]) -> None
         fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
 
 
-def _finish(state: TrainingState, data: FoldData, work: Path, tracker: Tracker, oof: OofDice) -> FoldResult:
+def _finish(
+    state: TrainingState,
+    data: FoldData,
+    work: Path,
+    tracker: Tracker,
+    oof: tuple[OofDice, str, dict[str, float]],
+) -> FoldResult:
     if (work / BEST).is_file():
         tracker.log_artifact(work / BEST, "checkpoints")
     if (work / QC_PICTURE).is_file():
@@ -340,5 +354,5 @@ def _finish(state: TrainingState, data: FoldData, work: Path, tracker: Tracker, 
         state.epoch,
         best,
         tracker.run_id,
-        oof,
+        *oof,
     )

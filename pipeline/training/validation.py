@@ -7,7 +7,7 @@ the same code path batch prediction uses, on volumes preprocessed by the validat
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.inference.config import InferenceConfig
 from pipeline.inference.postprocessing import OofDice, keep_largest_component
-from pipeline.inference.sliding_window import predict_probabilities
+from pipeline.inference.sliding_window import predict_probabilities, sliding_window_logits
 from pipeline.training.checkpoint import load_checkpoint
 
 
@@ -48,6 +48,11 @@ class ValidationResult:
     oof_dice: OofDice = field(default_factory=dict)
 
 
+#: ``on_case(case, logits (K, X, Y, Z), probabilities (K, X, Y, Z), prediction (X, Y, Z) uint8)``:
+#: what :func:`validate` hands out per case when asked (the out-of-fold calibration and uncertainty).
+CaseHook = Callable[[ValidationCase, torch.Tensor, torch.Tensor, np.ndarray], None]
+
+
 def dice_per_label(pred: np.ndarray, gt: np.ndarray, labels: Mapping[int, str]) -> dict[str, float]:
     """Dice of each foreground label ``(X, Y, Z)`` maps, MONAI ``compute_dice``.
 
@@ -72,6 +77,7 @@ def validate(
     labels: Mapping[int, str],
     config: InferenceConfig,
     largest_component: bool = False,
+    on_case: CaseHook | None = None,
 ) -> ValidationResult:
     """Segment every validation case with ``model`` and score it.
 
@@ -84,6 +90,8 @@ def validate(
             kept (``ValidationResult.oof_dice``). One label's component removal turns voxels
             into background only, so cleaning all labels at once gives each label's Dice as if
             it alone were cleaned.
+        on_case: called per case with its logits, probabilities and prediction (see
+            :data:`CaseHook`); the logits cost one more sweep only when ``config.tta`` is on.
     """
     was_training = model.training
     model.eval()
@@ -92,7 +100,7 @@ def validate(
     first = None
     try:
         for case in cases:
-            probs = predict_probabilities(case.image, [model], config)
+            probs, logits = _case_outputs(model, case, config, on_case is not None)
             pred = torch.argmax(probs, dim=0).to(torch.uint8).cpu().numpy()
             if first is None:
                 first = pred
@@ -103,11 +111,30 @@ def validate(
                     name: {"without": per_case[case.case_id][name], "with": cleaned[name]}
                     for name in labels.values()
                 }
+            if on_case is not None and logits is not None:
+                on_case(case, logits, probs, pred)
     finally:
         model.train(was_training)
     per_label = {name: float(np.mean([d[name] for d in per_case.values()])) for name in labels.values()}
     mean = float(np.mean(list(per_label.values()))) if per_label else math.nan
     return ValidationResult(mean, per_label, per_case, first, oof)
+
+
+def _case_outputs(
+    model: nn.Module, case: ValidationCase, config: InferenceConfig, want_logits: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities ``(K, X, Y, Z)`` of one case, and its logits when asked for.
+
+    Without TTA the engine's probabilities are the softmax of the blended logits (the same sweep,
+    bit for bit), so the logits come for free; with TTA they need a sweep of their own.
+    """
+    if not want_logits:
+        return predict_probabilities(case.image, [model], config), None
+    logits = sliding_window_logits(case.image[None], model, config)[0]
+    if config.tta:
+        return predict_probabilities(case.image, [model], config), logits
+    scaled = logits / config.temperature if config.temperature != 1.0 else logits
+    return torch.softmax(scaled, dim=0), logits
 
 
 def out_of_fold_dice(
@@ -116,14 +143,16 @@ def out_of_fold_dice(
     cases: Sequence[ValidationCase],
     labels: Mapping[int, str],
     inference: InferenceConfig,
+    on_case: CaseHook | None = None,
 ) -> OofDice:
     """The best checkpoint's Dice on the fold's validation cases, without and with largest component.
 
     One more pass of the validation engine with the best weights (the epoch loop's model holds
     the last epoch's): the out-of-fold predictions on which ``medseg train`` decides the
-    post-processing per label. Loads the best weights into ``model``.
+    post-processing per label. Loads the best weights into ``model``. ``on_case`` as in
+    :func:`validate` (the calibration voxels and uncertainty scores of these predictions).
     """
     if not cases or not best.is_file():
         return {}
     model.load_state_dict(load_checkpoint(best, map_location=inference.device)["model"])
-    return validate(model, cases, labels, inference, largest_component=True).oof_dice
+    return validate(model, cases, labels, inference, largest_component=True, on_case=on_case).oof_dice

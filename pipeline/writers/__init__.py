@@ -14,6 +14,7 @@ from pipeline.writers.dicom_seg import DicomSegWriter
 from pipeline.writers.nifti_mask import NiftiMaskWriter
 from pipeline.writers.probabilities import ProbabilitiesWriter
 from pipeline.writers.qc_picture import QcPictureWriter
+from pipeline.writers.uncertainty import UncertaintyWriter
 
 #: Every output, in the order they are started (they run side by side in threads).
 WRITERS: tuple[CaseWriter, ...] = (
@@ -21,6 +22,7 @@ WRITERS: tuple[CaseWriter, ...] = (
     ProbabilitiesWriter(),
     DicomSegWriter(),
     QcPictureWriter(),
+    UncertaintyWriter(),
 )
 
 

@@ -56,6 +56,7 @@ class CaseWriter(Protocol):
             ``--save-probabilities``; its argparse dest is the MLflow param name.
         help: the flag's help text.
         needs_probabilities: the segmenter must keep the class probabilities for it.
+        needs_uncertainty: the segmenter must compute the ensemble uncertainty maps for it.
         fails_case: a failure to write fails the case; ``False`` for review aids (a note instead).
     """
 
@@ -73,6 +74,8 @@ class CaseWriter(Protocol):
     def help(self) -> str: ...
     @property
     def needs_probabilities(self) -> bool: ...
+    @property
+    def needs_uncertainty(self) -> bool: ...
     @property
     def fails_case(self) -> bool: ...
 

@@ -63,6 +63,7 @@ class DicomSegWriter:
     flag = ""
     help = ""
     needs_probabilities = False
+    needs_uncertainty = False
     fails_case = True
 
     def applies_to(self, case: SegmentedCase) -> bool:

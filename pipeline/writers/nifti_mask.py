@@ -21,6 +21,7 @@ class NiftiMaskWriter:
     flag = ""
     help = ""
     needs_probabilities = False
+    needs_uncertainty = False
     fails_case = True
 
     def applies_to(self, case: SegmentedCase) -> bool:

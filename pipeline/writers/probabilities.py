@@ -17,6 +17,7 @@ class ProbabilitiesWriter:
     flag = "--save-probabilities"
     help = "also write probabilities.nii.gz"
     needs_probabilities = True
+    needs_uncertainty = False
     fails_case = True
 
     def applies_to(self, case: SegmentedCase) -> bool:

@@ -107,3 +107,41 @@ def test_pyfunc_predicts_label_map(tmp_path):
     assert np.array_equal(model.predict(frame), direct)
     with pytest.raises(ValueError, match="spacing_mm"):
         model.predict({"image": image})
+
+
+def test_calibration_and_qc_reference_round_trip(tmp_path):
+    from dataclasses import replace
+
+    calibration = {"temperature": 1.7, "ece_before": 0.12, "ece_after": 0.03, "bins": 15, "voxels": 4000}
+    qc = {"cases": 3, "labels": {"liver": {"volume_ml": [1.0, 2.0]}}, "uncertainty_p95": 0.2}
+    bundle = replace(_bundle(0, folds=1), calibration=calibration, qc_reference=qc)
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "b"))
+    assert loaded.calibration == calibration and loaded.temperature == 1.7
+    assert loaded.qc_reference == qc
+
+
+def test_bundle_without_calibration_loads_uncalibrated(tmp_path):
+    import json
+
+    folder = save_bundle(_bundle(0, folds=1), tmp_path / "old")
+    meta = json.loads((folder / "bundle.json").read_text())
+    del meta["calibration"], meta["qc_reference"]  # as written before issue 12
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    loaded = load_bundle(folder)
+    assert loaded.calibration == {} and loaded.temperature == 1.0 and loaded.qc_reference == {}
+    for bad in ({"temperature": 0.0}, {"temperature": "hot"}, [1.5]):
+        (folder / "bundle.json").write_text(json.dumps({**meta, "calibration": bad}))
+        with pytest.raises(ModelBundleError, match="calibration"):
+            load_bundle(folder)
+
+
+def test_bundle_from_checkpoints_keeps_calibration_and_qc_reference(tmp_path):
+    from pipeline.bundle import bundle_from_checkpoints
+
+    bundle = _bundle(0, folds=1)
+    torch.save({"model": bundle.fold_states[0]}, tmp_path / "best.pt")
+    made = bundle_from_checkpoints(
+        bundle.plan, [tmp_path / "best.pt"], calibration={"temperature": 2.0}, qc_reference={"cases": 1}
+    )
+    assert made.temperature == 2.0 and made.qc_reference == {"cases": 1}
+    assert bundle_from_checkpoints(bundle.plan, [tmp_path / "best.pt"]).temperature == 1.0

@@ -61,3 +61,34 @@ def test_log_table_logs_a_json_table_artifact():
     )
     assert table["case_id"].tolist() == ["a", "b"] and table["dice_liver"].tolist() == [0.9, 0.8]
     NullTracker().log_table(pd.DataFrame(), artifact_file="x.json")  # no-op, no error
+
+
+def test_experiments_open_on_the_runs_table_not_the_genai_view():
+    from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    made = Tracker("exp-kind").experiment_id  # created by medseg
+    assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = client.create_experiment("exp-old")  # made by an older medseg: tagged on first use
+    assert Tracker("exp-old").experiment_id == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    mine = client.create_experiment("exp-mine", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert Tracker("exp-mine").experiment_id == mine  # a user's choice stays
+    assert client.get_experiment(mine).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_log_table_with_pictures_and_replacing_on_resume():
+    import pandas as pd
+    from PIL import Image
+
+    run = Tracker("exp-pictures").start_run("t")
+    pictures = [Image.new("RGB", (20, 10), (200, 0, 0)), Image.new("RGB", (20, 10), (0, 0, 200))]
+    run.log_table(pd.DataFrame({"case_id": ["a", "b"], "qc": pictures}), artifact_file="cases.json")
+    run.log_table(pd.DataFrame({"case_id": ["a", "b", "c"], "qc": pictures + pictures[:1]}), "cases.json")
+    client = MlflowClient(tracking_uri=tracking_uri())
+    table = client.load_table(client.get_run(run.run_id).info.experiment_id, "cases.json", run_ids=[run.run_id])
+    assert table["case_id"].tolist() == ["a", "b", "c"]  # replaced, not appended to
+    cells = table["qc"].tolist()
+    assert all(c["type"] == "image" and c["filepath"].startswith("table_images/cases/") for c in cells)
+    stored = {a.path for a in client.list_artifacts(run.run_id, "table_images/cases")}
+    assert {c["filepath"] for c in cells} <= stored and len(stored) == 6  # png + webp per row, old ones gone

@@ -133,7 +133,7 @@ def test_mr_model_batch_modes_json_single_slice_and_odd_name(tmp_path, store, tr
     assert not (out / ".staging").exists()
 
     con = sqlite3.connect(store / "mlflow.db")
-    (status,) = con.execute("SELECT status FROM runs WHERE name LIKE 'predict-%'").fetchone()
+    (status,) = con.execute("SELECT status FROM runs WHERE name LIKE 'predict %'").fetchone()
     con.close()
     assert status == "FINISHED"
 

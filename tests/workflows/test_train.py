@@ -73,7 +73,7 @@ def tiny_data(tmp_path):
     return root
 
 
-def test_train_two_folds_register_and_segment(tmp_path):
+def test_train_two_folds_register_and_segment(tmp_path, capsys):
     data = tmp_path / "msd"
     write_msd_dataset(data, n_train=6, n_test=1, shape=(48, 48, 32), seed=0)
     work = tmp_path / "work"
@@ -124,6 +124,7 @@ def test_train_two_folds_register_and_segment(tmp_path):
     version = client.get_model_version_by_alias("phantom-seg", "champion")
     assert float(version.tags["cv_mean_dice"]) == pytest.approx(metrics["cv_mean_dice"], abs=1e-5)
     assert version.run_id == parent.info.run_id
+    _check_calibration_and_qc_reference(metrics, work, capsys.readouterr().out)
     # the registered bundle alone segments the held-out test case, on its own grid
     bundle = load_bundle("models:/phantom-seg@champion")
     image = nib.load(str(data / "imagesTs" / "case_006.nii.gz"))
@@ -138,6 +139,25 @@ def test_train_two_folds_register_and_segment(tmp_path):
     labels = segmenter(volume).labels
     dice = dice_per_label(labels, truth, bundle.label_names)
     assert labels.shape == truth.shape and dice["liver"] > 0.8, dice
+    # calibration and QC reference travel in the registered bundle
+    calibration = json.loads((work / "cv_results.json").read_text())["calibration"]
+    assert bundle.calibration == calibration and bundle.temperature == calibration["temperature"]
+    assert bundle.qc_reference["cases"] == 6 and set(bundle.qc_reference["labels"]) >= {"liver", "lesion"}
+    assert bundle.qc_reference["uncertainty_p95"] is not None
+
+
+def _check_calibration_and_qc_reference(metrics: dict, work: Path, out: str) -> None:
+    """The temperature fitted on the pooled out-of-fold voxels: in cv_results.json, MLflow, stdout."""
+    calibration = json.loads((work / "cv_results.json").read_text())["calibration"]
+    assert set(calibration) == {"temperature", "ece_before", "ece_after", "bins", "voxels"}
+    assert calibration["bins"] == 15 and calibration["voxels"] > 1000
+    assert 0.05 <= calibration["temperature"] <= 20.0
+    # the fit minimises the NLL, which on the fitted voxels leaves ECE no worse by more than noise
+    assert calibration["ece_after"] <= calibration["ece_before"] + 0.01, calibration
+    for key in ("temperature", "ece_before", "ece_after"):
+        assert metrics[key] == pytest.approx(calibration[key], abs=1e-6)
+    assert f"calibration: temperature {calibration['temperature']:.4f}" in out
+    assert all((work / f"fold_{f}" / "calibration_samples.npz").is_file() for f in (0, 1))
 
 
 def test_bad_datasets_exit_2_with_reason(tmp_path, tiny_data, capsys):

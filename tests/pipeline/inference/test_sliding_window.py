@@ -133,9 +133,18 @@ def test_streamed_members_are_each_pass_and_average_to_the_batched_ensemble():
     batched = predict_probabilities(image, nets, cfg)
     torch.testing.assert_close(streamed, batched, atol=1e-5, rtol=1e-5)
     assert (members[0].probabilities - members[9].probabilities).abs().max() > 1e-3  # members differ
-    # Same code path as the per-pass (memory budget) sweep: bit for bit.
-    per_pass = predict_probabilities(image, nets, InferenceConfig(roi_size=ROI, tta=True, batch_passes=False))
-    assert torch.equal(streamed, per_pass)
+    # Handed out of the one side-by-side sweep: the plain batched path, bit for bit.
+    assert torch.equal(streamed, batched)
+    # The per-pass (memory budget) sweep hands out the same members, in the same order.
+    per_pass_members: list[MemberOutput] = []
+    per_pass_cfg = InferenceConfig(roi_size=ROI, tta=True, sw_batch_size=3, batch_passes=False)
+    per_pass = predict_probabilities(image, nets, per_pass_cfg, on_member=per_pass_members.append)
+    assert [(m.member, m.fold, m.mirror_axes) for m in per_pass_members] == [
+        (m.member, m.fold, m.mirror_axes) for m in members
+    ]
+    for a, b in zip(per_pass_members, members, strict=True):
+        torch.testing.assert_close(a.probabilities, b.probabilities, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_pass, streamed, atol=1e-5, rtol=1e-5)
 
 
 def test_deep_supervision_output_and_training_mode_restored():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import pipeline.training.trainer as trainer
+from pipeline.calibration import load_samples
 from pipeline.tracking import Tracker
 from pipeline.training.checkpoint import BEST, LAST, load_checkpoint
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import FoldData
+from pipeline.training.out_of_fold import CALIBRATION_SAMPLES
 from pipeline.training.trainer import train_fold
 from preprocessing.fingerprint import fingerprint_dataset
 from preprocessing.msd import read_msd_dataset
@@ -90,6 +93,16 @@ def test_resume_after_crash_continues_and_matches_uninterrupted(fold, tmp_path, 
     new_state = load_checkpoint(tmp_path / "b" / LAST)["model"]
     assert all(torch.allclose(ref_state[k].float(), new_state[k].float(), atol=1e-6) for k in ref_state)
     assert resumed.best_dice == pytest.approx(reference.best_dice, abs=1e-6)
+    # The out-of-fold calibration voxels and uncertainty scores come back with the resumed fold.
+    ref_x, ref_y = load_samples(reference.calibration_samples)
+    new_x, new_y = load_samples(resumed.calibration_samples)
+    assert resumed.calibration_samples == str(tmp_path / "b" / CALIBRATION_SAMPLES)
+    assert ref_x.shape[1] == plan.num_classes and 0 < ref_x.shape[0] <= CONFIG.calibration_voxels
+    np.testing.assert_array_equal(ref_y, new_y)
+    np.testing.assert_allclose(ref_x, new_x, atol=1e-4)
+    assert set(resumed.oof_uncertainty) == {data.val[0]["case_id"]}
+    score = resumed.oof_uncertainty[data.val[0]["case_id"]]
+    assert 0.0 <= score <= 1.0 and score == pytest.approx(reference.oof_uncertainty[data.val[0]["case_id"]], abs=1e-4)
 
 
 def test_resume_can_extend_epochs_with_poly_schedule(fold, tmp_path):
