@@ -8,6 +8,7 @@ the readers (:func:`preprocessing.volume_io.load_source_item`) consume them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,5 +86,6 @@ def row_case_id(item: SourceItem) -> str:
     """
     if item.case_id:
         return item.case_id
-    source = str(item.paths[0]) if item.paths else ""
+    # The path's bytes (a non-UTF-8 file name is a surrogate-escaped str, which cannot be encoded).
+    source = os.fsencode(item.paths[0]).hex() if item.paths else ""
     return "skipped-" + pseudonymous_case_id(source).removeprefix("case-")
